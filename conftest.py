@@ -1,0 +1,47 @@
+"""Options, markers, hypothesis profiles and the variant parametrization."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Profiles: dev for quick local runs, ci derandomized (same examples on every
+# worker and every run), nightly for many examples. Chosen by --hypothesis-profile
+# (hypothesis' own option) or CONVERT_PARITY_HYPOTHESIS; CI=true selects ci.
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("CONVERT_PARITY_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("convert-parity")
+    group.addoption("--update-golden", action="store_true",
+                    help="rewrite fixtures/golden/*.json from the current HF outputs instead of comparing")
+    group.addoption("--real-checkpoints", action="store_true",
+                    help="allow the real-checkpoint tier to download checkpoints (default: use caches only)")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+@pytest.fixture(scope="session")
+def allow_downloads(request) -> bool:
+    return request.config.getoption("--real-checkpoints")
+
+
+def pytest_generate_tests(metafunc):
+    """`variant` parametrizes over every variant with a converter, `any_variant`
+    over all 39; the id is the variant name, so `-k k600` or `-k hr` select
+    what a user expects. Every check of one variant shares an xdist group."""
+    from converters.registry import all_variants, convertible_variants
+
+    for name, source in (("variant", convertible_variants), ("any_variant", all_variants)):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, [pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.name))
+                                        for v in source()])

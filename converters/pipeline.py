@@ -1,0 +1,73 @@
+"""The conversion path shared by the CLI and the parity harness:
+file -> original state dict -> HF state dict (+ config, processor) -> output dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from . import checkpoint_io
+from .registry import Variant, family_module
+
+log = logging.getLogger("convert_parity")
+
+
+def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
+    """Read the original checkpoint the way its repo saved it, safely."""
+    source = variant.source
+    if source.container == "torch":
+        checkpoint = checkpoint_io.load_torch_checkpoint(path)
+        return checkpoint_io.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+    raise NotImplementedError(f"{variant.family}: container {source.container!r} has no loader yet")
+
+
+def hf_model_class(variant: Variant):
+    import transformers
+
+    return getattr(transformers, family_module(variant.family).MODEL_CLASS)
+
+
+def spec_of(variant: Variant) -> dict:
+    return dict(variant.config)
+
+
+def load_label_names(variant: Variant) -> dict[int, str] | None:
+    """id2label from the hub's label-files repo, if it can be had (cached or online)."""
+    label_file = variant.config.get("label_file")
+    if not label_file:
+        return None
+    try:
+        path = checkpoint_io.fetch(f"hf://datasets/huggingface/label-files/{label_file}")
+    except checkpoint_io.DownloadError as err:
+        log.warning("label names unavailable, writing LABEL_i: %s", err)
+        return None
+    return {int(k): v for k, v in json.loads(Path(path).read_text()).items()}
+
+
+def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | None = None,
+                 overwrite: bool = False, progress=print) -> Path:
+    """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
+    family = family_module(variant.family)
+    spec = dict(spec or spec_of(variant))
+    # Refuse an occupied output before any slow work.
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise checkpoint_io.OutputExistsError(
+            f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    progress(f"[1/4] fetching {checkpoint}")
+    path = checkpoint_io.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
+    progress(f"[2/4] loading {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    original = load_original_state_dict(path, variant)
+    progress(f"[3/4] converting {len(original)} tensors")
+    converted = family.convert(original, spec)
+    config = family.hf_config(spec, load_label_names(variant))
+    progress(f"[4/4] writing {out}")
+    checkpoint_io.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
+    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
+    return out

@@ -1,0 +1,2 @@
+"""Data only for now: the converter comes with its family issue."""
+VARIANTS = ()

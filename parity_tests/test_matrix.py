@@ -1,0 +1,125 @@
+"""The parity matrix: every check, for every variant that has a converter.
+
+Each test id carries the variant name (`test_logits_parity[timesformer-hr-finetuned-k600]`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from converters import checkpoint_io, pipeline
+from converters.registry import family_module
+from fixtures import golden, harness
+
+pytestmark = pytest.mark.parity
+
+EXPECTED_KEYS_DIR = Path(harness.__file__).parent / "expected_keys"
+TRANSFORMERS_LINE = ".".join(transformers.__version__.split(".")[:2])
+
+
+def test_logits_parity(variant):
+    """The converted HF model computes what the original computes, on the same input."""
+    c = harness.case(variant.name)
+    diffs = harness.compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
+    harness.assert_parity(diffs, f"{variant.name} original vs HF")
+
+
+def test_output_shape(variant):
+    c = harness.case(variant.name)
+    outputs = c.hf_outputs()
+    for key, shape in c.adapter.output_shapes(c.spec, c.inputs).items():
+        assert tuple(outputs[key].shape) == tuple(shape), f"{key}: {tuple(outputs[key].shape)} != {shape}"
+
+
+def _converted_dir(c: harness.Case) -> Path:
+    """The product's output: the converted state dict written as from_pretrained reads it."""
+    out = c.workdir / "converted"
+    if not out.exists():
+        family = family_module(c.variant.family)
+        checkpoint_io.save_converted(c.converted, c.hf_config(), out, processor=family.hf_processor(c.spec))
+    return out
+
+
+def test_loading_keys(variant):
+    """from_pretrained on the converted output reports exactly the recorded missing and
+    unexpected keys for this transformers line (and no shape mismatches)."""
+    path = EXPECTED_KEYS_DIR / f"transformers-{TRANSFORMERS_LINE}.json"
+    assert path.exists(), f"no expected key lists recorded for transformers {TRANSFORMERS_LINE} ({path})"
+    expected = json.loads(path.read_text())[variant.family]
+    c = harness.case(variant.name)
+    _, info = pipeline.hf_model_class(variant).from_pretrained(_converted_dir(c), output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(expected["missing"]), "missing keys changed"
+    assert sorted(info["unexpected_keys"]) == sorted(expected["unexpected"]), "unexpected keys changed"
+    assert not info.get("mismatched_keys"), f"shape mismatches: {info['mismatched_keys']}"
+
+
+def test_round_trip(variant, tmp_path):
+    """Converted output -> from_pretrained -> save_pretrained -> from_pretrained:
+    bit-identical outputs and an equal config at every step."""
+    c = harness.case(variant.name)
+    cls = pipeline.hf_model_class(variant)
+    loaded = cls.from_pretrained(_converted_dir(c)).eval()
+    loaded.save_pretrained(tmp_path)
+    reloaded = cls.from_pretrained(tmp_path).eval()
+    in_memory = c.hf_outputs()
+    for model in (loaded, reloaded):
+        for key, value in c.hf_outputs(model).items():
+            assert torch.equal(value, in_memory[key]), harness.compare(key, in_memory[key], value, 0, 0).describe()
+    assert _architecture(reloaded.config) == _architecture(loaded.config) == _architecture(c.hf_config())
+
+
+SAVE_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
+
+
+def _architecture(config) -> dict:
+    """The config without what saving adds (model class name, dtype, version)."""
+    return {k: v for k, v in config.to_dict().items() if k not in SAVE_METADATA}
+
+
+def test_full_size_structure(variant):
+    """The full-size original, built on the meta device, converts to exactly the
+    full-size HF model's keys and shapes: nothing left over, nothing missing."""
+    ad = harness.adapter(variant.family)
+    spec = pipeline.spec_of(variant)
+    original = ad.state_dict(ad.build_on_meta(spec))
+    prefix = variant.source.prefix
+    original = {k.removeprefix(prefix): v for k, v in original.items()}
+    converted = family_module(variant.family).convert(original, spec)
+    with torch.device("meta"):
+        hf = pipeline.hf_model_class(variant)(family_module(variant.family).hf_config(spec))
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in converted.items()}
+    assert sorted(set(want) - set(got)) == [], "HF keys the conversion does not produce"
+    assert sorted(set(got) - set(want)) == [], "converted keys the HF model does not have"
+    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert wrong == {}, f"shape (converted, HF) mismatches: {wrong}"
+
+
+def test_golden(variant, update_golden):
+    """The tiny converted model's outputs against the stored golden file."""
+    c = harness.case(variant.name)
+    outputs = {k: v.numpy() for k, v in c.hf_outputs().items()}
+    if update_golden:
+        golden.write(variant.name, outputs, c.spec, harness.SEED)
+        return
+    record = golden.read(variant.name)
+    assert record is not None, f"no golden for {variant.name}: run the README's golden command"
+    diffs = harness.compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
+    made = record["made_with"]
+    harness.assert_parity(diffs, f"{variant.name} drifted from its golden (made with torch {made['torch']}, "
+                                 f"transformers {made['transformers']})")
+
+
+@pytest.mark.parametrize("container", ["model_state", "model", "module"])
+def test_original_containers(variant, container):
+    """Every container layout the original is seen in loads to the same weights."""
+    ad = harness.adapter(variant.family)
+    if container not in ad.containers:
+        pytest.skip(f"{variant.family} originals are not saved as {container!r}")
+    c, first = harness.case(variant.name, container), harness.case(variant.name)
+    assert c.converted.keys() == first.converted.keys()
+    assert all(torch.equal(c.converted[k], first.converted[k]) for k in c.converted)
