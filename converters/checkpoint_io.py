@@ -276,7 +276,7 @@ def parse_hub_url(url: str) -> tuple[str, str, str, str] | None:
 
 
 def parse_drive_id(url: str) -> str | None:
-    m = re.search(r"drive\.google\.com/(?:file/d/|open\?id=|uc\?(?:.*&)?id=)([\w-]+)", url)
+    m = re.search(r"drive\.google\.com/(?:.*?/)?(?:file/d/|(?:open|uc)\?(?:.*&)?id=)([\w-]+)", url)
     return m.group(1) if m else None
 
 

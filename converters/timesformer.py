@@ -153,3 +153,12 @@ RENAMES = rules(
 def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
     """Original state dict (without the `model.` prefix) -> HF state dict."""
     return apply_renames(state_dict, RENAMES)
+
+
+def real_input(variant: Variant, files) -> dict:
+    """The upstream reference input: the first frames of the spaghetti video, processed."""
+    import numpy as np
+
+    params = variant.inputs.params
+    frames = list(np.load(files[0])[: params["frames"]])
+    return dict(hf_processor({"image_size": params["image_size"]})(frames, return_tensors="pt"))

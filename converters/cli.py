@@ -1,0 +1,145 @@
+"""convert-parity: list variants, convert a checkpoint, run the offline parity matrix."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from . import checkpoint_io
+from .registry import UnknownVariantError, all_variants, family_module, get_variant
+
+
+def _config_summary(v) -> str:
+    c = v.config
+    parts = [f"{c['image_size']}px" if "image_size" in c else None,
+             f"{c['num_frames']}f" if "num_frames" in c else None,
+             f"p{c['patch_size']}" if "patch_size" in c else None,
+             f"d{c['hidden_size']}" if "hidden_size" in c else None,
+             f"{c['num_labels']} labels" if "num_labels" in c else None]
+    return " ".join(p for p in parts if p)
+
+
+def _reference_summary(v) -> str:
+    if not v.published:
+        return "-"
+    return "; ".join(f"{p.output}={list(p.values)}" if p.values is not None else f"none ({p.note})"
+                     for p in v.published)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_list(args) -> int:
+    variants = [v for v in all_variants() if not args.family or v.family == args.family]
+    rows = [[v.name, v.family, "yes" if hasattr(family_module(v.family), "convert") else "data only",
+             _config_summary(v), v.source.url or "-", _reference_summary(v)] for v in variants]
+    print(_table(rows, ["variant", "family", "converter", "config", "source", "published reference"]))
+    print(f"\n{len(variants)} variants")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from . import pipeline
+
+    variant = get_variant(args.variant)
+    if not hasattr(family_module(variant.family), "convert"):
+        raise SystemExit(f"error: {variant.family} has no converter yet (variant {variant.name} is registry data only)")
+    out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
+                                progress=lambda msg: print(msg, file=sys.stderr))
+    if args.verify:
+        _verify(variant, out)
+    return 0
+
+
+def _verify(variant, out) -> None:
+    """Load the output as a user would and run it once."""
+    import torch
+
+    from . import pipeline
+
+    model, info = pipeline.hf_model_class(variant).from_pretrained(out, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise SystemExit(f"verify failed: {problems}")
+    cfg = model.config
+    video = torch.randn(1, cfg.num_frames, cfg.num_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        logits = model.eval()(pixel_values=video).logits
+    if logits.shape != (1, cfg.num_labels) or not torch.isfinite(logits).all():
+        raise SystemExit(f"verify failed: logits shape {tuple(logits.shape)}, finite={bool(torch.isfinite(logits).all())}")
+    print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys; "
+          f"a random video gives finite logits {tuple(logits.shape)}", file=sys.stderr)
+
+
+def cmd_matrix(args) -> int:
+    """The offline parity matrix: tiny original reference vs converted HF model, per variant."""
+    try:
+        from fixtures import golden, harness
+    except ImportError:
+        raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
+    from .registry import convertible_variants
+
+    variants = [v for v in convertible_variants() if not args.k or any(k in v.name for k in args.k)]
+    if not variants:
+        raise SystemExit(f"error: no convertible variant matches {args.k}")
+    rows, failed = [], 0
+    for i, v in enumerate(variants, 1):
+        t0 = time.perf_counter()
+        c = harness.case(v.name)
+        tol = c.adapter.tolerance
+        outputs = c.hf_outputs()
+        diffs = harness.compare_outputs(c.reference, outputs, **tol)
+        record = golden.read(v.name)
+        drift = (max(d.max_abs for d in harness.compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
+                 if record else float("nan"))
+        ok = all(d.ok for d in diffs)
+        failed += not ok
+        worst = max(diffs, key=lambda d: d.max_abs)
+        rows.append([v.name, v.family, f"{worst.max_abs:.2e}", f"{worst.max_rel:.2e}", f"{tol['atol']:g}/{tol['rtol']:g}",
+                     f"{drift:.2e}", f"{time.perf_counter() - t0:.2f}s", "PASS" if ok else "FAIL"])
+        print(f"[{i}/{len(variants)}] {v.name}: {'PASS' if ok else 'FAIL ' + worst.describe()}", file=sys.stderr)
+    print(_table(rows, ["variant", "family", "max abs", "max rel", "atol/rtol", "golden drift", "time", "status"]))
+    print(f"\n{len(variants) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert-parity", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="print the variant table")
+    p.add_argument("--family")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("convert", help="convert an original checkpoint to a from_pretrained directory")
+    p.add_argument("variant")
+    p.add_argument("--checkpoint", required=True, help="local path, hf:// or huggingface.co URL, Google Drive link or URL")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--verify", action="store_true", help="load the result with from_pretrained and run it")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("matrix", help="run the offline parity matrix and print a summary table")
+    p.add_argument("-k", action="append", help="only variants whose name contains this (repeatable)")
+    p.set_defaults(func=cmd_matrix)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except UnknownVariantError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, checkpoint_io.CheckpointError, checkpoint_io.DownloadError,
+            checkpoint_io.OutputExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The console script: the variant table, conversion with progress, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converters import cli
+from converters.registry import all_variants
+from fixtures import timesformer_original
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_names_every_variant(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for v in all_variants():
+        assert v.name in out
+    assert f"{len(all_variants())} variants" in out
+    assert "-0.3016" in out and "placeholder zeros" in out
+
+
+def test_unknown_variant_suggests_closest(capsys):
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k700", "--checkpoint", "x", "--out", "y")
+    assert code == 2
+    assert "unknown variant 'timesformer-base-finetuned-k700'; closest: " in err
+    closest = err.split("closest: ")[1].split(" (")[0].split(", ")
+    assert {"timesformer-base-finetuned-k400", "timesformer-base-finetuned-k600"} <= set(closest[:3])
+
+
+def test_missing_checkpoint_file(capsys, tmp_path):
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint",
+                       str(tmp_path / "absent.pyth"), "--out", str(tmp_path / "out"))
+    assert code == 1 and "checkpoint not found" in err and "absent.pyth" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_container_lists_keys(capsys, tmp_path):
+    path = tmp_path / "ckpt.pyth"
+    torch.save({"weights": {"a": 1}, "epoch": 3}, path)
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
+                       "--out", str(tmp_path / "out"))
+    assert code == 1 and "no state dict found" in err and "'weights': dict" in err and "'epoch': int" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_refused_before_work(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint",
+                       str(tmp_path / "absent.pyth"), "--out", str(tmp_path / "out"))
+    assert code == 1 and "--overwrite" in err
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
+    """The product path at full size: a random full-size original file -> CLI -> from_pretrained."""
+    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only
+    from converters.registry import get_variant
+
+    spec = dict(get_variant("timesformer-base-finetuned-k400").config)
+    model = timesformer_original.TimeSformer(**timesformer_original.constructor_args(spec))
+    path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
+    timesformer_original.save_checkpoint(model, path)
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
+                       "--out", str(tmp_path / "hf"), "--verify")
+    assert code == 0, err
+    for step in ("[1/4] fetching", "[2/4] loading", "[3/4] converting", "[4/4] writing", "verified"):
+        assert step in err
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert files == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["num_frames"], config["image_size"], len(config["id2label"])) == (8, 224, 400)
+    # Converting again into the same directory needs --overwrite.
+    code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
+                       "--out", str(tmp_path / "hf"))
+    assert code == 1 and "--overwrite" in err

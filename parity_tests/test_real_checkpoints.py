@@ -1,0 +1,91 @@
+"""The real-checkpoint tier: the published checkpoint, converted by the same code,
+must reproduce the values the original conversion published.
+
+By default only cached files are used (nothing is downloaded); `--real-checkpoints`
+lets it download. When the checkpoint or the reference input cannot be had, the test
+is skipped and the skip message says which URL and which cache path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converters import checkpoint_io, pipeline
+from converters.registry import PublishedValues, family_module
+from fixtures import harness
+
+pytestmark = pytest.mark.real_checkpoint
+
+
+def check_published(variant, allow_downloads, workdir, monkeypatch):
+    published = [p for p in variant.published if p.values is not None]
+    if not published:
+        pytest.skip(f"{variant.name}: {'; '.join(p.note for p in variant.published) or 'no published values'}")
+    if not allow_downloads:
+        monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        files = [checkpoint_io.fetch(f, progress=False) for f in variant.inputs.files]
+        checkpoint = checkpoint_io.fetch(variant.source.url, filename=variant.source.filename,
+                                         sha256=variant.source.sha256)
+    except checkpoint_io.DownloadError as err:
+        how = "" if allow_downloads else " (cache only; pass --real-checkpoints to download)"
+        pytest.skip(f"real checkpoint tier unavailable{how}: {err}")
+    out = pipeline.convert_file(variant, str(checkpoint), workdir / "hf", progress=lambda _: None)
+    model = pipeline.hf_model_class(variant).from_pretrained(out).eval()
+    with torch.no_grad():
+        outputs = model(**family_module(variant.family).real_input(variant, files))
+    diffs = [harness.compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
+             for p in published]
+    harness.assert_parity(diffs, f"{variant.name} against its published values")
+
+
+def test_published_values(variant, allow_downloads, tmp_path, monkeypatch):
+    check_published(variant, allow_downloads, tmp_path, monkeypatch)
+
+
+def _hub_cache_file(root, repo_type: str, repo_id: str, filename: str, data: bytes):
+    revision = "0" * 40
+    repo = root / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / revision / filename).write_bytes(data)
+
+
+def test_tier_runs_end_to_end_from_caches(variant, tmp_path, monkeypatch):
+    """The tier's own path (cached checkpoint and video, convert_file, from_pretrained,
+    the published recipe, the value check) on a tiny stand-in: the checkpoint is the
+    tiny reference's, the published values are the reference's own outputs on the
+    processed video. A wrong rename, recipe or slice makes it fail."""
+    import dataclasses
+    import io
+
+    import huggingface_hub.constants as hc
+    import numpy as np
+
+    c = harness.case(variant.name)
+    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    inputs = dataclasses.replace(variant.inputs, params={**variant.inputs.params, "frames": c.spec["num_frames"],
+                                                         "image_size": c.spec["image_size"]})
+    video = np.random.default_rng(0).integers(0, 256, (max(16, c.spec["num_frames"]), 40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.save(buffer, video)
+    for url in variant.inputs.files:
+        repo_type, repo_id, _, filename = checkpoint_io.parse_hub_url(url)
+        _hub_cache_file(tmp_path / "hub", repo_type, repo_id, filename, buffer.getvalue())
+    cached = checkpoint_io.cache_path_for(variant.source.url, variant.source.filename)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(c.checkpoint.read_bytes())
+
+    family = family_module(variant.family)
+    tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
+    hf_input = family.real_input(tiny, [checkpoint_io.fetch(f) for f in variant.inputs.files])
+    reference = c.adapter.reference_outputs(c.adapter.build(c.spec, harness.SEED),
+                                            hf_input["pixel_values"].transpose(1, 2))
+    expected = [PublishedValues(p.output, tuple(harness.select(reference, p.output).flatten().tolist()), 1e-4)
+                for p in variant.published if p.values is not None] or [
+        PublishedValues("logits[0, :3]", tuple(reference["logits"][0, :3].tolist()), 1e-4)]
+    check_published(dataclasses.replace(tiny, published=tuple(expected)), False, tmp_path, monkeypatch)
