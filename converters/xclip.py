@@ -1,2 +1,132 @@
-"""Data only for now: the converter comes with its family issue."""
-VARIANTS = ()
+"""X-CLIP (microsoft/VideoX, OpenAI CLIP naming) -> XCLIPModel.
+
+Data only: the converter comes with its family issue.
+"""
+from __future__ import annotations
+
+from .registry import InputRecipe, PublishedValues, Source, Variant
+
+FAMILY = "xclip"
+MODEL_CLASS = "XCLIPModel"
+
+# Widths by size. The original sets every head count to width // 64 (openai/CLIP and
+# X-CLIP mit.py / prompt.py): text 512 -> 8, vision 768 -> 12, MIT and prompt generator
+# at the projection width (512 -> 8, 768 -> 12).
+_SIZES = {
+    "base": dict(vision_hidden_size=768, vision_intermediate_size=3072, vision_num_hidden_layers=12,
+                 vision_num_attention_heads=12, text_hidden_size=512, text_intermediate_size=2048,
+                 text_num_attention_heads=8, mit_hidden_size=512, mit_intermediate_size=2048,
+                 mit_num_attention_heads=8, projection_dim=512, prompt_num_attention_heads=8),
+    "large": dict(vision_hidden_size=1024, vision_intermediate_size=4096, vision_num_hidden_layers=24,
+                  vision_num_attention_heads=16, text_hidden_size=768, text_intermediate_size=3072,
+                  text_num_attention_heads=12, mit_hidden_size=768, mit_intermediate_size=3072,
+                  mit_num_attention_heads=12, projection_dim=768, prompt_num_attention_heads=12),
+}
+_COMMON = dict(text_num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+               mit_num_hidden_layers=1, prompt_layers=2)
+
+_RELEASE = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0/"
+_DRIVE = "https://drive.google.com/u/0/uc?id={}&export=download&confirm=t&uuid={}"
+# name (after "xclip-"): (checkpoint, probs[0] asserted by the upstream script). Release
+# files are named by the URL; Drive files by (id, uuid, local name after the README's log).
+_MODELS = {
+    "base-patch32": ("k400_32_8.pth", (0.0019, 0.9951, 0.0030)),
+    "base-patch32-16-frames": ("k400_32_16.pth", (7.0999e-04, 9.9883e-01, 4.5580e-04)),
+    "base-patch16": ("k400_16_8.pth", (0.0083, 0.9681, 0.0236)),
+    "base-patch16-16-frames": ("k400_16_16.pth", (7.6937e-04, 9.9728e-01, 1.9473e-03)),
+    "large-patch14": (("1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx", "b26caedc-88e2-473e-830a-9d158b653cdb",
+                       "k400_14_8.pth"), (0.0062, 0.9864, 0.0075)),
+    "large-patch14-16-frames": (("1FOYgnJc097OJ4lGwtRCCydQyVPJEOH7d", "538fa810-e671-4050-b385-9a623f89804f",
+                                 "k400_14_16_336.pth"), (3.3877e-04, 9.9937e-01, 2.8888e-04)),
+    "base-patch16-kinetics-600": ("k600_16_8.pth", (0.0555, 0.8914, 0.0531)),
+    "base-patch16-kinetics-600-16-frames": ("k600_16_16.pth", (3.8554e-04, 9.9929e-01, 3.2754e-04)),
+    "large-patch14-kinetics-600": (("1FV8C1INuM91sLAN4ImjzePLIlpMSihwV", "141d4977-4a65-44ae-864f-4b0c19f838be",
+                                    "k600_14_8.pth"), (0.0036, 0.9920, 0.0045)),
+    "base-patch16-hmdb-2-shot": ("few_hmdb_2.pth", (7.1890e-06, 9.9994e-01, 5.6559e-05)),
+    "base-patch16-hmdb-4-shot": ("few_hmdb_4.pth", (1.0320e-05, 9.9993e-01, 6.2435e-05)),
+    "base-patch16-hmdb-8-shot": ("few_hmdb_8.pth", (4.1377e-06, 9.9990e-01, 9.8386e-05)),
+    "base-patch16-hmdb-16-shot": ("few_hmdb_16.pth", (4.1347e-05, 9.9962e-01, 3.3411e-04)),
+    "base-patch16-ucf-2-shot": ("few_ucf_2.pth", (8.5857e-05, 9.9928e-01, 6.3291e-04)),
+    "base-patch16-ucf-4-shot": ("few_ucf_4.pth", (8.5857e-05, 9.9928e-01, 6.3291e-04)),
+    "base-patch16-ucf-8-shot": ("few_ucf_8.pth", (0.0027, 0.9904, 0.0070)),
+    "base-patch16-ucf-16-shot": ("few_ucf_16.pth", (9.8219e-04, 9.9593e-01, 3.0863e-03)),
+    "base-patch16-zero-shot": ("zero.pth", (3.5082e-04, 9.9785e-01, 1.7966e-03)),
+}
+_SUSPECT = {  # upstream script copy-paste suspicion
+    "base-patch16-ucf-2-shot": "identical to ucf-4-shot's values: copy-paste suspected in the upstream script",
+    "base-patch16-ucf-4-shot": "identical to ucf-2-shot's values: copy-paste suspected in the upstream script",
+}
+_HUB_SEEN = {"base-patch32", "large-patch14-16-frames", "base-patch16-zero-shot"}  # others inferred
+_VIDEO = {8: "eating_spaghetti_8_frames.npy", 16: "eating_spaghetti.npy", 32: "eating_spaghetti_32_frames.npy"}
+_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
+_SCRIPT = "upstream convert_x_clip_original_pytorch_to_hf.py (atol 1e-3 on the softmax probabilities)"
+_LARGE_HEADS = ("MIT and prompt-generator heads: the original uses width // 64 = 12 (VideoX X-CLIP mit.py, "
+                "prompt.py); upstream get_xclip_config leaves mit_num_attention_heads and "
+                "prompt_num_attention_heads at 8 (same weight shapes, different attention), and the published "
+                "probs came from that 8-head model; the hub config.json was not checked. The config follows "
+                "the original.")
+# microsoft/xclip-base-patch32 only: the upstream integration test (test_modeling_x_clip.py).
+_TEST_VALUES = (
+    PublishedValues("logits_per_video[0]", (14.0181, 20.2771, 14.4776), 1e-3,
+                    "upstream integration test (rtol=atol=1e-3): XCLIPProcessor.from_pretrained(hub), "
+                    "eating_spaghetti_8_frames.npy, the same 3 texts, padding=True"),
+    PublishedValues("vision_model_output.last_hidden_state[0, :3, :3]",
+                    (0.0126, 0.2109, 0.0609, 0.0448, 0.5862, -0.1688, -0.0881, 0.8525, -0.3044), 1e-4,
+                    "upstream integration test test_inference_interpolate_pos_encoding (rtol=atol=1e-4), a "
+                    "different input: processor size=180, crop 180x180, text \"what's in the video\", "
+                    "interpolate_pos_encoding=True; shape (8, 26, 768); 3x3 flattened row-major"),
+)
+
+
+def _source(checkpoint) -> Source:
+    if isinstance(checkpoint, str):
+        return Source(url=_RELEASE + checkpoint, filename=checkpoint, container="torch", container_keys=("model",))
+    drive_id, uuid, filename = checkpoint
+    return Source(url=_DRIVE.format(drive_id, uuid), filename=filename, container="torch", container_keys=("model",))
+
+
+def _variant(key: str) -> Variant:
+    checkpoint, probs = _MODELS[key]
+    size = key.split("-")[0]
+    patch = int(key.split("-patch")[1][:2])
+    frames = 16 if "16-frames" in key else 32 if "shot" in key else 8
+    image_size = 336 if key == "large-patch14-16-frames" else 224
+    notes = []
+    if size == "large":
+        notes.append(_LARGE_HEADS)
+    if not isinstance(checkpoint, str):
+        notes.append("Google Drive file (README link); the upstream script's URL has a literal '&amp;' "
+                     "(HTML-escaped), decoded to '&' here; upstream saves it as pytorch_model.bin, the "
+                     "local name here follows the README's log file name (inferred)")
+    if image_size == 336:
+        notes.append("336 px: VideoMAEImageProcessor(size=336) today keeps the default 224x224 centre crop, "
+                     "so the upstream recipe would feed 224 px frames; the published values (Sep 2022) were "
+                     "made with VideoMAEFeatureExtractor(size=336), which resized and cropped to 336 (inferred)")
+    if key not in _HUB_SEEN:
+        notes.append("hub id inferred: the script pushes to nielsr/<name>; microsoft/ seen for 3 models only")
+    if key == "base-patch32":
+        notes.append("the early script version (07694d46) asserted the same probs on logits_per_image with "
+                     "spaghetti-video-8-frames/pixel_values.pt")
+    name = f"xclip-{key}"
+    return Variant(
+        name=name,
+        family=FAMILY,
+        hub_id=f"microsoft/{name}",
+        config=dict(image_size=image_size, patch_size=patch, num_frames=frames, **_SIZES[size], **_COMMON),
+        source=_source(checkpoint),
+        inputs=InputRecipe(
+            description=f"{_VIDEO[frames]} ({frames} frames) through VideoMAEImageProcessor(size={image_size}) "
+                        "(ImageNet mean/std) and CLIPTokenizerFast(openai/clip-vit-base-patch32) as "
+                        "XCLIPProcessor, 3 texts, padding=True; probs = logits_per_video.softmax(dim=1)",
+            files=(f"hf://datasets/hf-internal-testing/spaghetti-video/{_VIDEO[frames]}",),
+            params=dict(frames=frames, image_size=image_size, image_mean=(0.485, 0.456, 0.406),
+                        image_std=(0.229, 0.224, 0.225), texts=_TEXTS, padding=True,
+                        tokenizer="openai/clip-vit-base-patch32"),
+        ),
+        published=(PublishedValues("probs[0]", probs, 1e-3, "; ".join(filter(None, (_SCRIPT, _SUSPECT.get(key))))),
+                   *(_TEST_VALUES if key == "base-patch32" else ())),
+        notes="; ".join(notes),
+    )
+
+
+VARIANTS = tuple(_variant(key) for key in _MODELS)

@@ -205,7 +205,7 @@ def test_offline_uses_cache_and_verifies_it(cache, monkeypatch):
         io.fetch(url, filename=dest.name)
 
 
-def test_google_drive_links_go_through_the_drive_downloader(cache, monkeypatch):
+def test_google_drive_links_use_the_drive_downloader(cache, monkeypatch):
     url = "https://drive.google.com/u/1/uc?id=17yvuYp9L4mn-HpIcK5Zo6K3UoOy1kA5l&export=download"
     assert io.parse_drive_id(url) == "17yvuYp9L4mn-HpIcK5Zo6K3UoOy1kA5l"
     calls = []
