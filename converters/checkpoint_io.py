@@ -395,6 +395,14 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a non-empty output directory (or a file in its place) unless `overwrite`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it")
+    return out_dir
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out_dir`; on success it replaces
@@ -403,9 +411,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     A non-empty `out_dir` is refused unless `overwrite`; an existing one is kept
     until the new one is complete.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it")
+    out_dir = check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -438,6 +444,3 @@ def save_converted(state_dict: Mapping[str, torch.Tensor], config, out_dir: str 
             (tmp / name).write_text(text)
     return Path(out_dir)
 
-
-def json_dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -54,11 +54,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
-    # Refuse an occupied output before any slow work.
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise checkpoint_io.OutputExistsError(
-            f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    out = checkpoint_io.check_output_dir(out_dir, overwrite)  # before any slow work
     t0 = time.perf_counter()
     progress(f"[1/4] fetching {checkpoint}")
     path = checkpoint_io.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)

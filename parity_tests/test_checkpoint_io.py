@@ -8,7 +8,6 @@ import http.server
 import os
 import pickle
 import threading
-import warnings
 from pathlib import Path
 
 import pytest

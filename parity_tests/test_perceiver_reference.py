@@ -45,7 +45,6 @@ def np_attention(params, pre, xq, xkv, heads, mask=None):
     k = np_lin(xkv, params[pre + '/linear_1'])
     v = np_lin(xkv, params[pre + '/linear_2'])
     b, n, _ = q.shape
-    m = k.shape[1]
     dq, dv = q.shape[-1] // heads, v.shape[-1] // heads
     out = np.zeros((b, n, heads * dv))
     for bi in range(b):
@@ -253,7 +252,7 @@ def test_tiny_forward(tiny, arch):
 
 def test_tiny_params_differ_by_seed():
     hp = P.tiny_hparams('image_conv')
-    (p0, s0), (p1, s1) = P.build_reference('image_conv', hp, 0), P.build_reference('image_conv', hp, 1)
+    (p0, s0), (p1, _) = P.build_reference('image_conv', hp, 0), P.build_reference('image_conv', hp, 1)
     bn = 'image_preprocessor/~/conv2_d_downsample/~/batchnorm'
     assert not np.array_equal(p0[bn]['scale'], p1[bn]['scale'])
     assert (s0[bn + '/~/var_ema']['average'] > 0).all()
