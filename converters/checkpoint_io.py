@@ -4,7 +4,6 @@ download cache and writing the converted model. Converters never do I/O.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
