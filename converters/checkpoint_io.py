@@ -246,6 +246,61 @@ def find_state_dict(checkpoint: Any, container_keys: tuple[str, ...] = (), prefi
     return dict(found)
 
 
+def _flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten_tree(v, key + "/"))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _to_tensors(flat: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    bad = {k: type(v).__name__ for k, v in flat.items() if not isinstance(v, (np.ndarray, np.generic))}
+    if bad:
+        raise CheckpointError(f"{path}: expected only arrays in the parameter tree, found {dict(list(bad.items())[:10])}")
+    return {k: torch.from_numpy(np.array(v)) for k, v in flat.items()}  # np.array: writable copy
+
+
+def load_flax_msgpack(path: str | os.PathLike, container_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A Flax msgpack checkpoint (msgpack_restore builds only dicts and arrays, no code
+    runs), its parameter tree found under the first of `container_keys` present
+    ("optimizer/target" in legacy TrainStates, "params" in newer ones), flattened
+    with "/"."""
+    import flax.serialization
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        tree = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable Flax msgpack checkpoint ({type(err).__name__}: {err})") from err
+    for key in container_keys:
+        node = tree
+        for part in key.split("/"):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and node:
+            return _to_tensors(_flatten_tree(node), path)
+    raise CheckpointError(f"{path}: no parameter tree under {', '.join(container_keys)}; found {_describe(tree)}")
+
+
+def load_haiku_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A Haiku params pickle ({module: {name: array}}, or {"params", "state"} for
+    models with batch norm), read with the refusing unpickler, flattened as
+    "module/name" and "state/module/name"."""
+    obj = load_pickle_restricted(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a mapping of Haiku modules, found {type(obj).__name__}")
+    params, state = (obj["params"], obj.get("state") or {}) if "params" in obj else (obj, {})
+    flat = _flatten_tree(params)
+    flat.update(_flatten_tree(state, "state/"))
+    return _to_tensors(flat, Path(path))
+
+
 # --------------------------------------------------------------------------
 # Downloads through one cache
 # --------------------------------------------------------------------------

@@ -18,18 +18,25 @@ log = logging.getLogger("convert_parity")
 
 
 def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
-    """Read the original checkpoint the way its repo saved it, safely."""
+    """Read the original checkpoint the way its repo saved it, safely, as a flat
+    mapping of tensors: torch keys as saved (wrapper prefix removed), Flax and
+    Haiku trees flattened with "/" (Haiku state entries under "state/")."""
     source = variant.source
     if source.container == "torch":
         checkpoint = checkpoint_io.load_torch_checkpoint(path)
         return checkpoint_io.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
-    raise NotImplementedError(f"{variant.family}: container {source.container!r} has no loader yet")
+    if source.container == "flax_msgpack":
+        return checkpoint_io.load_flax_msgpack(path, source.container_keys)
+    if source.container == "haiku_pickle":
+        return checkpoint_io.load_haiku_pickle(path)
+    raise checkpoint_io.CheckpointError(f"{variant.family}: unknown container type {source.container!r}")
 
 
 def hf_model_class(variant: Variant):
     import transformers
 
-    return getattr(transformers, family_module(variant.family).MODEL_CLASS)
+    name = family_module(variant.family).MODEL_CLASS or variant.config["model_class"]
+    return getattr(transformers, name)
 
 
 def spec_of(variant: Variant) -> dict:

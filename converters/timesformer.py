@@ -162,3 +162,8 @@ def real_input(variant: Variant, files) -> dict:
     params = variant.inputs.params
     frames = list(np.load(files[0])[: params["frames"]])
     return dict(hf_processor({"image_size": params["image_size"]})(frames, return_tensors="pt"))
+
+
+def real_outputs(model, variant: Variant, files) -> dict:
+    """What the published values are read from (see PublishedValues.output)."""
+    return {"logits": model(**real_input(variant, files)).logits}

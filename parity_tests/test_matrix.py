@@ -47,9 +47,9 @@ def _converted_dir(c: harness.Case) -> Path:
 def test_loading_keys(variant):
     """from_pretrained on the converted output reports exactly the recorded missing and
     unexpected keys for this transformers line (and no shape mismatches)."""
-    path = EXPECTED_KEYS_DIR / f"transformers-{TRANSFORMERS_LINE}.json"
-    assert path.exists(), f"no expected key lists recorded for transformers {TRANSFORMERS_LINE} ({path})"
-    expected = json.loads(path.read_text())[variant.family]
+    recorded = json.loads((EXPECTED_KEYS_DIR / f"{variant.family}.json").read_text())
+    assert TRANSFORMERS_LINE in recorded, f"no expected key lists recorded for transformers {TRANSFORMERS_LINE}"
+    expected = recorded[TRANSFORMERS_LINE]
     c = harness.case(variant.name)
     _, info = pipeline.hf_model_class(variant).from_pretrained(_converted_dir(c), output_loading_info=True)
     assert sorted(info["missing_keys"]) == sorted(expected["missing"]), "missing keys changed"
@@ -83,15 +83,10 @@ def _architecture(config) -> dict:
 def test_full_size_structure(variant):
     """The full-size original, built on the meta device, converts to exactly the
     full-size HF model's keys and shapes: nothing left over, nothing missing."""
-    ad = harness.adapter(variant.family)
     spec = pipeline.spec_of(variant)
-    original = ad.state_dict(ad.build_on_meta(spec))
-    prefix = variant.source.prefix
-    original = {k.removeprefix(prefix): v for k, v in original.items()}
+    original = harness.adapter(variant.family).original_on_meta(spec)
     converted = family_module(variant.family).convert(original, spec)
-    with torch.device("meta"):
-        hf = pipeline.hf_model_class(variant)(family_module(variant.family).hf_config(spec))
-    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in harness.hf_state_on_meta(variant, spec).items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
     assert sorted(set(want) - set(got)) == [], "HF keys the conversion does not produce"
     assert sorted(set(got) - set(want)) == [], "converted keys the HF model does not have"
@@ -114,12 +109,9 @@ def test_golden(variant, update_golden):
                                  f"transformers {made['transformers']})")
 
 
-@pytest.mark.parametrize("container", ["model_state", "model", "module"])
-def test_original_containers(variant, container):
-    """Every container layout the original is seen in loads to the same weights."""
-    ad = harness.adapter(variant.family)
-    if container not in ad.containers:
-        pytest.skip(f"{variant.family} originals are not saved as {container!r}")
+def test_original_containers(variant_container):
+    """Every further container layout the original is seen in loads to the same weights."""
+    variant, container = variant_container
     c, first = harness.case(variant.name, container), harness.case(variant.name)
     assert c.converted.keys() == first.converted.keys()
     assert all(torch.equal(c.converted[k], first.converted[k]) for k in c.converted)
@@ -130,9 +122,8 @@ def test_original_containers(variant, container):
     "from the input and nearest-resizes time_embed. A video with half the configured frames gives silently "
     "wrong logits; measured on the tiny models, max abs diff: base 0.896 (1 of 2 frames), hr 0.575 (2 of 4), "
     "large 0.263 (12 of 24), large-ssv2 0.400 (8 of 16)."))
-def test_port_difference_other_frame_count(variant):
-    if variant.family != "timesformer":
-        pytest.skip("TimeSformer-only finding")
+def test_port_difference_other_frame_count(timesformer_variant):
+    variant = timesformer_variant
     c = harness.case(variant.name)
     video = c.inputs[:, :, : c.spec["num_frames"] // 2]  # (B, C, T, H, W): half the frames
     reference = c.adapter.reference_outputs(harness.adapter(variant.family).build(c.spec, harness.SEED), video)

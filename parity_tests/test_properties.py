@@ -17,30 +17,23 @@ from converters import pipeline
 
 # ---- rename tables ---------------------------------------------------------------------------
 
-LAYER_KEY = {"timesformer": "num_hidden_layers"}
-
-
 @functools.cache
-def _key_sets(variant_name: str, layers: int) -> tuple[list[str], set[str]]:
-    """Original and HF key names of the variant at this depth, both built on meta."""
+def _structures(variant_name: str, layers: int) -> tuple[dict, dict]:
+    """Original and HF state dicts (meta tensors) of the variant at this depth."""
     variant = get_variant(variant_name)
-    family, ad = family_module(variant.family), harness.adapter(variant.family)
-    spec = {**pipeline.spec_of(variant), LAYER_KEY[variant.family]: layers}
-    original = [k.removeprefix(variant.source.prefix) for k in ad.state_dict(ad.build_on_meta(spec))]
-    with torch.device("meta"):
-        hf_keys = set(pipeline.hf_model_class(variant)(family.hf_config(spec)).state_dict())
-    return original, hf_keys
+    ad = harness.adapter(variant.family)
+    spec = {**pipeline.spec_of(variant), **{k: layers for k in ad.depth_keys}}
+    return ad.original_on_meta(spec), harness.hf_state_on_meta(variant, spec), spec
 
 
 @given(layers=st.integers(min_value=1, max_value=24))
-def test_rename_is_injective_and_total(variant, layers):
-    """For any depth, every original key is consumed, no two land on one HF key,
-    and the result is exactly the HF model's key set."""
-    original, hf_keys = _key_sets(variant.name, layers)
-    mapping = rename_keys(original, family_module(variant.family).RENAMES)  # raises on gaps and collisions
-    targets = [t for t in mapping.values() if t is not None]
-    assert len(set(targets)) == len(targets)
-    assert set(targets) == hf_keys
+def test_conversion_is_injective_and_total(variant, layers):
+    """For any depth the converter consumes every original key (its rename table
+    raises on a key no rule matches and on two keys landing on one name) and yields
+    exactly the HF model's keys and shapes."""
+    original, hf, spec = _structures(variant.name, layers)
+    converted = family_module(variant.family).convert(original, spec)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in hf.items()}
 
 
 def test_rename_engine_refuses_gaps_and_collisions():

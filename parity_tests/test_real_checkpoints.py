@@ -34,7 +34,7 @@ def check_published(variant, allow_downloads, workdir, monkeypatch):
     out = pipeline.convert_file(variant, str(checkpoint), workdir / "hf", progress=lambda _: None)
     model = pipeline.hf_model_class(variant).from_pretrained(out).eval()
     with torch.no_grad():
-        outputs = model(**family_module(variant.family).real_input(variant, files))
+        outputs = family_module(variant.family).real_outputs(model, variant, files)
     diffs = [harness.compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
              for p in published]
     harness.assert_parity(diffs, f"{variant.name} against its published values")
@@ -53,7 +53,7 @@ def _hub_cache_file(root, repo_type: str, repo_id: str, filename: str, data: byt
     (repo / "snapshots" / revision / filename).write_bytes(data)
 
 
-def test_tier_runs_end_to_end_from_caches(variant, tmp_path, monkeypatch):
+def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeypatch):
     """The tier's own path (cached checkpoint and video, convert_file, from_pretrained,
     the published recipe, the value check) on a tiny stand-in: the checkpoint is the
     tiny reference's, the published values are the reference's own outputs on the
@@ -64,6 +64,7 @@ def test_tier_runs_end_to_end_from_caches(variant, tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
     import numpy as np
 
+    variant = timesformer_variant
     c = harness.case(variant.name)
     monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
