@@ -39,6 +39,17 @@ def hf_model_class(variant: Variant):
     return getattr(transformers, name)
 
 
+def for_installed_transformers(variant: Variant, converted: Mapping) -> dict:
+    """The converted state dict under the installed transformers' own key names.
+
+    What is written to disk may follow another line's schema (from_pretrained
+    renames on load); a family whose names differ by version provides
+    `installed_schema(state_dict)` for in-memory `load_state_dict`.
+    """
+    family = family_module(variant.family)
+    return family.installed_schema(converted) if hasattr(family, "installed_schema") else dict(converted)
+
+
 def spec_of(variant: Variant) -> dict:
     return dict(variant.config)
 
