@@ -25,6 +25,15 @@ def pytest_addoption(parser):
                     help="allow the real-checkpoint tier to download checkpoints (default: use caches only)")
 
 
+def pytest_configure(config):
+    """No test touches the network unless the real-checkpoint tier may download:
+    hub look-ups and our downloads use caches only (set before anything imports
+    huggingface_hub, which reads HF_HUB_OFFLINE once)."""
+    if not config.getoption("--real-checkpoints"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["CONVERT_PARITY_OFFLINE"] = "1"
+
+
 @pytest.fixture(scope="session")
 def update_golden(request) -> bool:
     return request.config.getoption("--update-golden")

@@ -76,8 +76,11 @@ SAVE_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version"
 
 
 def _architecture(config) -> dict:
-    """The config without what saving adds (model class name, dtype, version)."""
-    return {k: v for k, v in config.to_dict().items() if k not in SAVE_METADATA}
+    """The config without what saving adds (model class name, dtype, version), also
+    inside sub-configs."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in SAVE_METADATA}
+    return strip(config.to_dict())
 
 
 def test_full_size_structure(variant):

@@ -1,0 +1,109 @@
+"""X-CLIP beyond the generic matrix: the processor offline, the pickled training
+config, the standalone models, the derived config and the q/k/v split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from hypothesis import given, strategies as st
+
+from converters import pipeline, reshape, xclip
+from fixtures import harness, parity_xclip, xclip_original
+from parity_tests.test_matrix import _converted_dir
+
+pytestmark = pytest.mark.parity
+
+
+def test_processor_offline_parity(xclip_variant, tmp_path):
+    """XCLIPProcessor (PIL video processor + a CLIP tokenizer built from small files)
+    feeds the converted model and the original the same tensors; the processor
+    round-trips through save_pretrained."""
+    c = harness.case(xclip_variant.name)
+    tokenizer = parity_xclip.write_tiny_clip_tokenizer(tmp_path / "tok", c.spec["vocab_size"])
+    processor = xclip.hf_processor(c.spec, tokenizer)
+    processor.save_pretrained(tmp_path / "proc")
+    reloaded = transformers.XCLIPProcessor.from_pretrained(tmp_path / "proc")
+    frames = list(np.random.default_rng(0).integers(0, 256, (c.spec["num_frames"], 40, 52, 3), dtype=np.uint8))
+    texts = ["playing sports", "eating spaghetti", "go shopping"]
+    inputs = processor(text=texts, videos=frames, return_tensors="pt", padding=True)
+    again = reloaded(text=texts, videos=frames, return_tensors="pt", padding=True)
+    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+    size = c.spec["image_size"]
+    assert tuple(inputs["pixel_values"].shape) == (1, c.spec["num_frames"], 3, size, size)
+    # The end token is the largest id, so the original's argmax pooling finds it.
+    ids = inputs["input_ids"]
+    assert (ids.argmax(-1) == (ids == tokenizer.eos_token_id).int().argmax(-1)).all()
+    with torch.no_grad():
+        hf = c.hf_model()(**inputs)
+    # The original's tokenizer zero-pads to the full context; causal attention keeps the
+    # padding from reaching the end token, where both sides pool.
+    original_ids = F.pad(ids, (0, c.spec["max_position_embeddings"] - ids.shape[1]))
+    reference = xclip_original.forward_outputs(c.adapter.build(c.spec, harness.SEED), inputs["pixel_values"],
+                                               original_ids)
+    harness.assert_parity(harness.compare_outputs({"logits_per_video": reference["logits_per_video"]},
+                                                  {"logits_per_video": hf.logits_per_video}, **xclip.TOLERANCE))
+
+
+def test_training_config_object_is_never_constructed(tmp_path):
+    """Real files pickle a yacs CfgNode under 'config'; the loader returns the weights
+    without importing or calling that object's class."""
+    c = harness.case("xclip-base-patch32")
+    path = tmp_path / "k400_32_8.pth"
+    model = c.adapter.build(c.spec, harness.SEED)
+    xclip_original.save_checkpoint(model, path, config=xclip_original.ConstructionProbe("loader"))
+    xclip_original.PROBE_LOG.clear()
+    with pytest.warns(UserWarning, match=r"config \(fixtures\.xclip_original\.(ConstructionProbe|_probe_constructed)\)"):
+        weights = pipeline.load_original_state_dict(path, c.variant)
+    assert xclip_original.PROBE_LOG == [], "the pickled config object was constructed on load"
+    assert weights.keys() == model.state_dict().keys()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "transformers 5.23: the rename table for the standalone models is spelled xCLIPVisionModel / "
+    "xCLIPTextModel, so weights saved from XCLIPModel load nothing into XCLIPVisionModel / XCLIPTextModel "
+    "(measured on the tiny 2-layer configs: 63 of 63 vision and 36 of 36 text keys missing)."))
+def test_standalone_models_load_converted_weights(xclip_variant):
+    c = harness.case(xclip_variant.name)
+    missing = {}
+    for cls in (transformers.XCLIPVisionModel, transformers.XCLIPTextModel):
+        model, info = cls.from_pretrained(_converted_dir(c), output_loading_info=True)
+        if info["missing_keys"]:
+            missing[cls.__name__] = f"{len(info['missing_keys'])} of {len(model.state_dict())} keys missing"
+    assert not missing, missing
+
+
+def test_config_derivation_matches_published_numbers(xclip_variant):
+    """hf_config derives heads (width // 64) and MLP widths (4 x width) as the original
+    does; for the real configs that must reproduce every number the registry records."""
+    spec = xclip_variant.config
+    cfg = xclip.hf_config(spec)
+    v, t = cfg.vision_config, cfg.text_config
+    assert (v.num_attention_heads, v.intermediate_size) == (spec["vision_num_attention_heads"], spec["vision_intermediate_size"])
+    assert (t.num_attention_heads, t.intermediate_size) == (spec["text_num_attention_heads"], spec["text_intermediate_size"])
+    assert (v.mit_num_attention_heads, v.mit_intermediate_size) == (spec["mit_num_attention_heads"], spec["mit_intermediate_size"])
+    assert cfg.prompt_num_attention_heads == spec["prompt_num_attention_heads"]
+    assert (v.image_size, v.patch_size, v.num_frames) == (spec["image_size"], spec["patch_size"], spec["num_frames"])
+
+
+@given(heads=st.integers(1, 4), head_dim=st.integers(1, 8), n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_in_proj_split_computes_multihead_attention(heads, head_dim, n, seed):
+    """nn.MultiheadAttention (the original) equals attention computed from the split
+    q/k/v projections and out_proj (HF's layout), for random widths; the split inverts."""
+    width = heads * head_dim
+    gen = torch.Generator().manual_seed(seed)
+    mha = torch.nn.MultiheadAttention(width, heads).double()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(n, 1, width, generator=gen, dtype=torch.float64)  # (L, N, E) as the original
+    want = mha(x, x, x, need_weights=False)[0][:, 0]
+    qw, kw, vw = reshape.split_qkv(mha.in_proj_weight)
+    qb, kb, vb = reshape.split_qkv(mha.in_proj_bias)
+    assert torch.equal(reshape.merge_qkv(qw, kw, vw), mha.in_proj_weight)
+    split = lambda t: t.view(n, heads, head_dim).transpose(0, 1)
+    q, k, v = (split(F.linear(x[:, 0], w, b)) for w, b in ((qw, qb), (kw, kb), (vw, vb)))
+    attended = torch.softmax(q @ k.transpose(1, 2) / head_dim ** 0.5, -1) @ v
+    got = F.linear(attended.transpose(0, 1).reshape(n, width), mha.out_proj.weight, mha.out_proj.bias)
+    assert torch.allclose(got, want, atol=1e-10)
