@@ -56,7 +56,8 @@ def cmd_convert(args) -> int:
 
 
 def _verify(variant, out) -> None:
-    """Load the output as a user would and run it once."""
+    """Load the output as a user would, with no missing, unexpected or mismatched
+    keys, and run it once on a random input of the right shape."""
     import torch
 
     from . import pipeline
@@ -65,14 +66,18 @@ def _verify(variant, out) -> None:
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise SystemExit(f"verify failed: {problems}")
-    cfg = model.config
-    video = torch.randn(1, cfg.num_frames, cfg.num_channels, cfg.image_size, cfg.image_size)
+    family = family_module(variant.family)
+    if not hasattr(family, "verify_inputs"):
+        print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys", file=sys.stderr)
+        return
     with torch.no_grad():
-        logits = model.eval()(pixel_values=video).logits
-    if logits.shape != (1, cfg.num_labels) or not torch.isfinite(logits).all():
-        raise SystemExit(f"verify failed: logits shape {tuple(logits.shape)}, finite={bool(torch.isfinite(logits).all())}")
+        outputs = model.eval()(**family.verify_inputs(model.config))
+    bad = [k for k, v in outputs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"verify failed: non-finite outputs {bad}")
+    shapes = {k: tuple(v.shape) for k, v in outputs.items() if torch.is_tensor(v)}
     print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys; "
-          f"a random video gives finite logits {tuple(logits.shape)}", file=sys.stderr)
+          f"a random input gives finite outputs {shapes}", file=sys.stderr)
 
 
 def cmd_matrix(args) -> int:

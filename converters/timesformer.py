@@ -167,3 +167,8 @@ def real_input(variant: Variant, files) -> dict:
 def real_outputs(model, variant: Variant, files) -> dict:
     """What the published values are read from (see PublishedValues.output)."""
     return {"logits": model(**real_input(variant, files)).logits}
+
+
+def verify_inputs(config) -> dict:
+    """A random video of the configured size, for `convert --verify`."""
+    return {"pixel_values": torch.randn(1, config.num_frames, config.num_channels, config.image_size, config.image_size)}

@@ -281,3 +281,11 @@ def real_input(variant: Variant, files, tokenizer=None) -> dict:
 def real_outputs(model, variant: Variant, files, tokenizer=None) -> dict:
     out = model(**real_input(variant, files, tokenizer))
     return {"logits_per_video": out.logits_per_video, "probs": out.logits_per_video.softmax(dim=1)}
+
+
+def verify_inputs(config) -> dict:
+    """A random video and two token sequences ending in the largest id, for `convert --verify`."""
+    v, t = config.vision_config, config.text_config
+    ids = torch.randint(1, t.vocab_size - 1, (2, 8))
+    ids[:, -1] = t.vocab_size - 1
+    return {"pixel_values": torch.randn(1, v.num_frames, v.num_channels, v.image_size, v.image_size), "input_ids": ids}

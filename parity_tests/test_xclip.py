@@ -107,3 +107,18 @@ def test_in_proj_split_computes_multihead_attention(heads, head_dim, n, seed):
     attended = torch.softmax(q @ k.transpose(1, 2) / head_dim ** 0.5, -1) @ v
     got = F.linear(attended.transpose(0, 1).reshape(n, width), mha.out_proj.weight, mha.out_proj.bias)
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_cli_converts_and_verifies(tmp_path, capsys):
+    """The CLI path for X-CLIP at full size (base patch32): original file -> output -> verify."""
+    from converters import cli
+    from converters.registry import get_variant
+
+    variant = get_variant("xclip-base-patch32")
+    hparams = parity_xclip.hparams(variant.config)
+    path = tmp_path / "k400_32_8.pth"
+    xclip_original.save_checkpoint(xclip_original.build_reference(hparams, 0), path)
+    code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "verified" in err and "logits_per_video': (1, 2)" in err
