@@ -23,6 +23,8 @@ def pytest_addoption(parser):
                     help="rewrite fixtures/golden/*.json from the current HF outputs instead of comparing")
     group.addoption("--real-checkpoints", action="store_true",
                     help="allow the real-checkpoint tier to download checkpoints (default: use caches only)")
+    group.addoption("--results", default=os.environ.get("CONVERT_PARITY_RESULTS", "results/parity-results.json"),
+                    help="where the parity outcomes are written as JSON (default: %(default)s)")
 
 
 def pytest_configure(config):
@@ -70,3 +72,47 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("variant_container", [
             pytest.param((v, c), id=f"{v.name}-{c}", marks=pytest.mark.xdist_group(v.name))
             for v in convertible_variants() for c in adapter(v.family).containers[1:]])
+
+
+# ---- results file -------------------------------------------------------------------
+# Parity checks attach their measured differences to the test's user_properties
+# (record_diffs); xdist ships those to the controller, which alone collects every
+# report and writes one results file at the end, so workers never race on it.
+
+_RESULTS: list[dict] = []
+
+
+@pytest.fixture
+def record_diffs(request):
+    """Call with a list of fixtures.harness.Diff to put them in the results file."""
+    def record(diffs):
+        for d in diffs:
+            request.node.user_properties.append(("parity", {
+                "output": d.key, "max_abs": d.max_abs, "max_rel": d.max_rel, "index": list(d.index),
+                "atol": d.atol, "rtol": d.rtol, "mismatched": d.mismatched, "total": d.total}))
+    return record
+
+
+def _status(report) -> str:
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if report.skipped else "xpassed"
+    return report.outcome
+
+
+def pytest_runtest_logreport(report):
+    if "parity" not in report.keywords and "real_checkpoint" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        name = report.nodeid.split("::")[-1].split("@")[0]
+        check, _, variant = name.partition("[")
+        _RESULTS.append({"variant": variant.rstrip("]"), "check": check, "status": _status(report),
+                         "duration": round(report.duration, 4),
+                         "outputs": [v for k, v in report.user_properties if k == "parity"]})
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput") or not _RESULTS:
+        return  # xdist workers report to the controller; nothing ran, nothing to write
+    from converters.report import write_results
+
+    write_results(session.config.getoption("--results"), _RESULTS)

@@ -112,6 +112,15 @@ def cmd_matrix(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    files = build_report(args.results, args.out)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert-parity", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -129,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("matrix", help="run the offline parity matrix and print a summary table")
     p.add_argument("-k", action="append", help="only variants whose name contains this (repeatable)")
     p.set_defaults(func=cmd_matrix)
+    p = sub.add_parser("report", help="report.md, report.json, a plot and the drift between results files")
+    p.add_argument("results", nargs="+", help="results files written by pytest (--results); the first is the baseline")
+    p.add_argument("--out", default="report", help="output directory (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

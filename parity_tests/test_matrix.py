@@ -21,10 +21,11 @@ EXPECTED_KEYS_DIR = Path(harness.__file__).parent / "expected_keys"
 TRANSFORMERS_LINE = ".".join(transformers.__version__.split(".")[:2])
 
 
-def test_logits_parity(variant):
+def test_logits_parity(variant, record_diffs):
     """The converted HF model computes what the original computes, on the same input."""
     c = harness.case(variant.name)
     diffs = harness.compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
+    record_diffs(diffs)
     harness.assert_parity(diffs, f"{variant.name} original vs HF")
 
 
@@ -97,7 +98,7 @@ def test_full_size_structure(variant):
     assert wrong == {}, f"shape (converted, HF) mismatches: {wrong}"
 
 
-def test_golden(variant, update_golden):
+def test_golden(variant, update_golden, record_diffs):
     """The tiny converted model's outputs against the stored golden file."""
     c = harness.case(variant.name)
     outputs = {k: v.numpy() for k, v in c.hf_outputs().items()}
@@ -107,6 +108,7 @@ def test_golden(variant, update_golden):
     record = golden.read(variant.name)
     assert record is not None, f"no golden for {variant.name}: run the README's golden command"
     diffs = harness.compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
+    record_diffs(diffs)
     made = record["made_with"]
     harness.assert_parity(diffs, f"{variant.name} drifted from its golden (made with torch {made['torch']}, "
                                  f"transformers {made['transformers']})")
@@ -125,10 +127,11 @@ def test_original_containers(variant_container):
     "from the input and nearest-resizes time_embed. A video with half the configured frames gives silently "
     "wrong logits; measured on the tiny models, max abs diff: base 0.896 (1 of 2 frames), hr 0.575 (2 of 4), "
     "large 0.263 (12 of 24), large-ssv2 0.400 (8 of 16)."))
-def test_port_difference_other_frame_count(timesformer_variant):
+def test_port_difference_other_frame_count(timesformer_variant, record_diffs):
     variant = timesformer_variant
     c = harness.case(variant.name)
     video = c.inputs[:, :, : c.spec["num_frames"] // 2]  # (B, C, T, H, W): half the frames
     reference = c.adapter.reference_outputs(harness.adapter(variant.family).build(c.spec, harness.SEED), video)
-    harness.assert_parity(harness.compare_outputs(reference, c.adapter.hf_outputs(c.hf_model(), video),
-                                                  **c.adapter.tolerance), f"{variant.name}, half the frames")
+    diffs = harness.compare_outputs(reference, c.adapter.hf_outputs(c.hf_model(), video), **c.adapter.tolerance)
+    record_diffs(diffs)
+    harness.assert_parity(diffs, f"{variant.name}, half the frames")

@@ -17,7 +17,7 @@ from fixtures import harness
 pytestmark = pytest.mark.real_checkpoint
 
 
-def check_published(variant, allow_downloads, workdir, monkeypatch):
+def check_published(variant, allow_downloads, workdir, monkeypatch, record=lambda diffs: None):
     published = [p for p in variant.published if p.values is not None]
     if not published:
         pytest.skip(f"{variant.name}: {'; '.join(p.note for p in variant.published) or 'no published values'}")
@@ -37,11 +37,12 @@ def check_published(variant, allow_downloads, workdir, monkeypatch):
         outputs = family_module(variant.family).real_outputs(model, variant, files)
     diffs = [harness.compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
              for p in published]
+    record(diffs)
     harness.assert_parity(diffs, f"{variant.name} against its published values")
 
 
-def test_published_values(variant, allow_downloads, tmp_path, monkeypatch):
-    check_published(variant, allow_downloads, tmp_path, monkeypatch)
+def test_published_values(variant, allow_downloads, tmp_path, monkeypatch, record_diffs):
+    check_published(variant, allow_downloads, tmp_path, monkeypatch, record_diffs)
 
 
 def _hub_cache_file(root, repo_type: str, repo_id: str, filename: str, data: bytes):

@@ -1,0 +1,55 @@
+"""The results file (written once, by the xdist controller) and the report over results files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from converters import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(variant, check, max_abs, status="passed", atol=1e-5):
+    return {"variant": variant, "check": check, "status": status, "duration": 0.1,
+            "outputs": [{"output": "logits", "max_abs": max_abs, "max_rel": max_abs, "index": [0, 1],
+                         "atol": atol, "rtol": 1e-4, "mismatched": 0, "total": 4}]}
+
+
+def _results(path, transformers_version, rows, monkeypatch):
+    monkeypatch.setattr(report, "runtime_versions", lambda: {"transformers": transformers_version, "torch": "2.13.0"})
+    return report.write_results(path, rows)
+
+
+def test_report_lists_drift_largest_first_and_draws_plot(tmp_path, monkeypatch):
+    base = _results(tmp_path / "a.json", "4.57.6", [_row("m-a", "test_logits_parity", 0.0),
+                                                    _row("m-b", "test_logits_parity", 1e-6),
+                                                    _row("m-c", "test_logits_parity", 2e-6)], monkeypatch)
+    other = _results(tmp_path / "b.json", "5.23.0", [_row("m-a", "test_logits_parity", 3e-6),
+                                                     _row("m-b", "test_logits_parity", 1e-6),
+                                                     _row("m-c", "test_logits_parity", 5e-4, "failed")], monkeypatch)
+    files = report.build_report([base, other], tmp_path / "out")
+    md = files["md"].read_text()
+    drift_rows = [line for line in md.split("## Drift")[1].splitlines() if line.startswith("| m-")]
+    assert [r.split(" | ")[0] for r in drift_rows] == ["| m-c", "| m-a"]  # m-b did not move
+    assert "passed -> failed" in drift_rows[0] and "2 of 3 measured outputs" not in md
+    assert "1 of 3 measured outputs did not move" in md
+    assert "transformers 4.57.6" in md and "transformers 5.23.0" in md
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(files["json"].read_text())
+    assert data["drift"][0]["variant"] == "m-c" and abs(data["drift"][0]["change"] - (5e-4 - 2e-6)) < 1e-12
+
+
+def test_results_file_written_once_under_xdist(tmp_path):
+    """Two workers, one results file with every check's row and the versions."""
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "parity_tests/test_matrix.py",
+           "-k", "test_output_shape and timesformer-base", "--results", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
+    doc = report.read_results(out)
+    assert sorted(r["variant"] for r in doc["rows"]) == [
+        "timesformer-base-finetuned-k400", "timesformer-base-finetuned-k600", "timesformer-base-finetuned-ssv2"]
+    assert {r["status"] for r in doc["rows"]} == {"passed"} and doc["versions"]["torch"].startswith("2.13.0")
+    assert not list(tmp_path.glob(".results.json.*")), "temporary results file left behind"
