@@ -3,8 +3,8 @@
 A results file is what one pytest run measured: every parity check's variant,
 check, status, per-output max abs / max rel difference, tolerance and duration,
 with the versions that ran it. `convert-parity report` reads one or more of them
-(e.g. one per transformers line) and writes report.md, report.json, a PNG plot
-and the drift between the first two runs, largest first.
+(shards of one run are merged by transformers version) and writes report.md,
+report.json, a PNG plot and the drift from the oldest line to the next, largest first.
 """
 from __future__ import annotations
 
@@ -54,9 +54,22 @@ def read_results(path: str | os.PathLike) -> dict:
     return doc
 
 
-def _label(doc: Mapping, path: Path, taken: set[str]) -> str:
-    label = f"transformers {doc['versions'].get('transformers', '?')}"
-    return label if label not in taken else f"{label} ({path.name})"
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("+")[0].split("."))
+
+
+def load_runs(paths: Iterable[Path]) -> list[tuple[str, dict]]:
+    """One run per transformers version, oldest first (the baseline of the drift);
+    files of the same version (shards of one night) are merged."""
+    by_version: dict[str, dict] = {}
+    for path in paths:
+        doc = read_results(path)
+        version = doc["versions"].get("transformers", "?")
+        if version in by_version:
+            by_version[version]["rows"] = by_version[version]["rows"] + doc["rows"]
+        else:
+            by_version[version] = dict(doc)
+    return [(f"transformers {v}", by_version[v]) for v in sorted(by_version, key=_version_key)]
 
 
 def _worst(row: Mapping) -> float | None:
@@ -119,12 +132,7 @@ def build_report(result_paths: Iterable[str | os.PathLike], out_dir: str | os.Pa
     paths = [Path(p) for p in result_paths]
     if not paths:
         raise ValueError("no results files given")
-    runs, taken = [], set()
-    for p in paths:
-        doc = read_results(p)
-        label = _label(doc, p, taken)
-        taken.add(label)
-        runs.append((label, doc))
+    runs = load_runs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

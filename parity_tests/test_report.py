@@ -29,7 +29,7 @@ def test_report_lists_drift_largest_first_and_draws_plot(tmp_path, monkeypatch):
     other = _results(tmp_path / "b.json", "5.23.0", [_row("m-a", "test_logits_parity", 3e-6),
                                                      _row("m-b", "test_logits_parity", 1e-6),
                                                      _row("m-c", "test_logits_parity", 5e-4, "failed")], monkeypatch)
-    files = report.build_report([base, other], tmp_path / "out")
+    files = report.build_report([other, base], tmp_path / "out")  # older line is the baseline, whatever the order
     md = files["md"].read_text()
     drift_rows = [line for line in md.split("## Drift")[1].splitlines() if line.startswith("| m-")]
     assert [r.split(" | ")[0] for r in drift_rows] == ["| m-c", "| m-a"]  # m-b did not move
@@ -53,3 +53,11 @@ def test_results_file_written_once_under_xdist(tmp_path):
         "timesformer-base-finetuned-k400", "timesformer-base-finetuned-k600", "timesformer-base-finetuned-ssv2"]
     assert {r["status"] for r in doc["rows"]} == {"passed"} and doc["versions"]["torch"].startswith("2.13.0")
     assert not list(tmp_path.glob(".results.json.*")), "temporary results file left behind"
+
+
+def test_shards_of_one_line_are_merged(tmp_path, monkeypatch):
+    a = _results(tmp_path / "timesformer.json", "5.23.0", [_row("t", "test_logits_parity", 0.0)], monkeypatch)
+    b = _results(tmp_path / "xclip.json", "5.23.0", [_row("x", "test_logits_parity", 1e-7)], monkeypatch)
+    runs = report.load_runs([a, b])
+    assert [label for label, _ in runs] == ["transformers 5.23.0"]
+    assert sorted(r["variant"] for r in runs[0][1]["rows"]) == ["t", "x"]
