@@ -50,6 +50,25 @@ def for_installed_transformers(variant: Variant, converted: Mapping) -> dict:
     return family.installed_schema(converted) if hasattr(family, "installed_schema") else dict(converted)
 
 
+def check_against_model(variant: Variant, converted: Mapping, config) -> None:
+    """Refuse, before anything is written, weights that do not fit the HF model the
+    config describes: missing or extra keys, or a tensor of the wrong shape (with
+    both shapes). The model is built on the meta device: no memory, no init."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in hf_model_class(variant)(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in for_installed_transformers(variant, converted).items()}
+    problems = []
+    if missing := sorted(set(expected) - set(got)):
+        problems.append(f"{len(missing)} key(s) missing: {missing[:10]}")
+    if extra := sorted(set(got) - set(expected)):
+        problems.append(f"{len(extra)} unexpected key(s): {extra[:10]}")
+    if wrong := [f"{k}: checkpoint {got[k]}, model {expected[k]}" for k in sorted(set(got) & set(expected))
+                 if got[k] != expected[k]]:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong[:10]))
+    if problems:
+        raise checkpoint_io.CheckpointError(f"the checkpoint does not fit {variant.name}: " + "; ".join(problems))
+
+
 def spec_of(variant: Variant) -> dict:
     return dict(variant.config)
 
@@ -79,8 +98,12 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     progress(f"[2/4] loading {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     original = load_original_state_dict(path, variant)
     progress(f"[3/4] converting {len(original)} tensors")
-    converted = family.convert(original, spec)
+    try:
+        converted = family.convert(original, spec)
+    except KeyError as err:  # a rename table meeting a key it has no rule for
+        raise checkpoint_io.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
     config = family.hf_config(spec, load_label_names(variant))
+    check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
     checkpoint_io.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from converters import cli
@@ -80,3 +82,35 @@ def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
                        "--out", str(tmp_path / "hf"))
     assert code == 1 and "--overwrite" in err
+
+
+def _tiny_timesformer_file(tmp_path, mutate):
+    """A TimeSformer file in the original container whose weights `mutate` damages."""
+    from converters.registry import get_variant
+    from fixtures import harness
+
+    c = harness.case("timesformer-base-finetuned-k400")
+    payload = torch.load(c.checkpoint)
+    mutate(payload["model_state"])
+    path = tmp_path / "damaged.pyth"
+    torch.save(payload, path)
+    spec = c.spec
+    return get_variant(c.variant.name), spec, path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda sd: sd.pop("model.blocks.1.temporal_fc.weight"),
+     r"1 key\(s\) missing: \['timesformer.encoder.layer.1.temporal_dense.weight'\]"),
+    (lambda sd: sd.__setitem__("model.head.weight", torch.zeros(7, 32)),
+     r"classifier.weight: checkpoint \(7, 32\), model \(400, 32\)"),
+    (lambda sd: sd.__setitem__("model.blocks.0.extra.weight", torch.zeros(1)),
+     r"match no rename rule: \['blocks.0.extra.weight'\]"),
+])
+def test_damaged_checkpoint_is_refused_before_writing(tmp_path, damage, message):
+    from converters import checkpoint_io, pipeline
+
+    variant, spec, path = _tiny_timesformer_file(tmp_path, damage)
+    with pytest.raises(checkpoint_io.CheckpointError, match=message):
+        pipeline.convert_file(variant, str(path), tmp_path / "out", spec=spec, progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["damaged.pyth"], "partial output left behind"
