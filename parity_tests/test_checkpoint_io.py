@@ -317,3 +317,19 @@ def test_haiku_pickle_params_and_state_flattened(tmp_path):
     path.write_bytes(pickle.dumps({"encoder": {"w": "not an array"}}))
     with pytest.raises(CheckpointError, match="expected only arrays"):
         io.load_haiku_pickle(path)
+
+
+def test_streamed_safetensors_read_back_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {
+        "a.weight": torch.randn(3, 5),
+        "t.weight": torch.randn(4, 6).T,  # strided: written as its contiguous copy
+        "half": torch.randn(7).half(), "bf": torch.randn(2, 2).bfloat16(), "ids": torch.arange(5),
+        "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+    }
+    io.write_safetensors(tensors, tmp_path / "m.safetensors", {"format": "pt"})
+    back = load_file(tmp_path / "m.safetensors")
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
