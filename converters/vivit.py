@@ -1,25 +1,57 @@
 """ViViT (google-research/scenic, unfactorised "model 1", Flax) -> VivitForVideoClassification.
 
-Data only: the converter comes with its family issue.
+The loader flattens the Flax tree with "/" (`Transformer/encoderblock_0/...`). Flax
+keeps attention kernels per head ((D, heads, head_dim) in, (heads, head_dim, D) out),
+dense kernels as (in, out) and the tubelet Conv3D kernel as (T, H, W, Cin, Cout);
+each becomes its torch layout through one op of `reshape`. LayerNorm `scale` is the
+torch `weight`.
+
+Key schema on disk: the transformers 4.x names (`vivit.encoder.layer.N.attention.
+attention.query`, ...). They are what the published checkpoints carry, what 4.57
+can load, what 5.x renames on load (conversion_mapping "ViTModel") and what 5.x's
+own save_pretrained writes back (it reverts that mapping), so one converted
+directory loads under both lines and the output does not depend on the installed
+version. `installed_schema` gives the installed line's names for an in-memory
+load_state_dict.
 """
 from __future__ import annotations
 
+import functools
+from typing import Mapping
+
+import torch
+
+from . import reshape
 from .registry import InputRecipe, PublishedValues, Source, Variant
+from .rename import Rule, apply_renames, prefixed, rename_keys, rules
 
 FAMILY = "vivit"
 MODEL_CLASS = "VivitForVideoClassification"
+# Flax/XLA vs torch in float32: the same maps through other kernels (einsum vs Linear,
+# XLA conv vs Conv3d, other summation orders), so rounding differs. Measured on the tiny
+# model: max abs 1.1e-6 on logits up to 3.3 (the same on transformers 4.57.6 and 5.23.0);
+# exact GELU instead of the tanh one is 5.4e-4, far outside.
+TOLERANCE = dict(atol=2e-5, rtol=1e-4)
 
 _URL = "https://storage.googleapis.com/scenic-bucket/vivit/kinetics_400/vivit_base_16x2_unfactorized/checkpoint"
 _VIDEO = "hf://datasets/hf-internal-testing/spaghetti-video/eating_spaghetti_32_frames.npy"
 
-# ViViT-B, tubelet 2x16x16. The original's nn.gelu is the tanh approximation: HF's
-# default "gelu_fast" matches it (exact gelu does not).
-_CONFIG = dict(image_size=224, num_frames=32, tubelet_size=(2, 16, 16), hidden_size=768, num_hidden_layers=12,
-               num_attention_heads=12, intermediate_size=3072, hidden_act="gelu_fast", layer_norm_eps=1e-6,
-               num_labels=400, label_file="kinetics400-id2label.json")
+# ViViT-B, tubelet 2x16x16 (frames x patch x patch). The original's nn.gelu is the tanh
+# approximation: HF's "gelu_fast" is the same formula (exact gelu is not).
+_CONFIG = dict(image_size=224, num_frames=32, tubelet_frames=2, patch_size=16, hidden_size=768,
+               num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu_fast",
+               layer_norm_eps=1e-6, num_labels=400, label_file="kinetics400-id2label.json")
+
+# The two preprocessing recipes behind the two published value sets (VivitImageProcessor
+# arguments). The script's is the original scenic one: pixels in [-1, 1], no normalisation.
+SCRIPT_RECIPE = dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=2,
+                     rescale_factor=1 / 127.5, offset=True, do_normalize=False)
+INTEGRATION_TEST_RECIPE = dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=2,
+                               rescale_factor=1 / 127.5, offset=True, do_normalize=True,
+                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 # logits[0, :5], atol 1e-4. Both sources call their numbers "taken from original model";
-# they differ in preprocessing.
+# they differ in preprocessing, so each is read from its own output (see real_outputs).
 _PUBLISHED = (
     PublishedValues(
         "logits[0, :5]", (-1.0543, 2.0764, -0.2104, 0.4439, -0.9658), 1e-4,
@@ -27,11 +59,12 @@ _PUBLISHED = (
         "VivitImageProcessor, shortest edge 256, centre crop 224, bilinear, x*2/255 - 1 (do_zero_centering), "
         "no normalisation; this is the original scenic recipe and the reference for the conversion"),
     PublishedValues(
-        "logits[0, :5]", (-0.9498, 2.7971, -1.4049, 0.1024, -1.8353), 1e-4,
+        "logits_integration_test[0, :5]", (-0.9498, 2.7971, -1.4049, 0.1024, -1.8353), 1e-4,
         "upstream integration test test_modeling_vivit.py at 764cadc9 (newer values): VivitImageProcessor() "
         "current defaults, x/127.5 - 1 (offset) and then normalised again with mean=std=0.5 into [-3, 1]; "
         "the HF pipeline's numbers, not the original's (the double normalisation is inferred as the cause; "
-        "which PR, #25174 or #25547, rewrote them is not known)"),
+        "which PR, #25174 or #25547, rewrote them is not known); checked on its own input "
+        "(INTEGRATION_TEST_RECIPE) as the output logits_integration_test"),
 )
 
 VARIANTS = (
@@ -56,3 +89,140 @@ VARIANTS = (
               "is a third variant; the script's get_processor assertions fail against the current processor",
     ),
 )
+
+
+# ---- config ---------------------------------------------------------------------------
+
+def hf_config(spec: Mapping, id2label: Mapping[int, str] | None = None):
+    from transformers import VivitConfig
+
+    labels = spec["num_labels"]
+    id2label = dict(id2label) if id2label else {i: f"LABEL_{i}" for i in range(labels)}
+    patch = spec["patch_size"]
+    return VivitConfig(
+        image_size=spec["image_size"], num_frames=spec["num_frames"], tubelet_size=[spec["tubelet_frames"], patch, patch],
+        hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"], intermediate_size=spec["intermediate_size"],
+        hidden_act=spec["hidden_act"], layer_norm_eps=spec["layer_norm_eps"], qkv_bias=True,
+        id2label=id2label, label2id={v: k for k, v in id2label.items()},
+    )
+
+
+def hf_processor(spec: Mapping, recipe: Mapping = SCRIPT_RECIPE):
+    """VivitImageProcessor with the original's recipe, scaled to the model's size
+    (256/224 shortest edge before the centre crop). Pure numpy/PIL on both lines."""
+    from transformers import VivitImageProcessor
+
+    size = spec["image_size"]
+    return VivitImageProcessor(**{**recipe, "size": {"shortest_edge": round(size * 256 / 224)},
+                                  "crop_size": {"height": size, "width": size}})
+
+
+# ---- rename table and layouts -----------------------------------------------------------
+
+def _dense(src: str, dst: str):
+    return ((f"{src}/kernel", f"{dst}.weight"), (f"{src}/bias", f"{dst}.bias"))
+
+
+def _norm(src: str, dst: str):
+    return ((f"{src}/scale", f"{dst}.weight"), (f"{src}/bias", f"{dst}.bias"))
+
+
+_ATTN = "MultiHeadDotProductAttention_0"
+_BLOCK = (  # scenic encoderblock -> HF 4.x VivitLayer
+    *_norm("LayerNorm_0", "layernorm_before"),
+    *_dense(f"{_ATTN}/query", "attention.attention.query"),
+    *_dense(f"{_ATTN}/key", "attention.attention.key"),
+    *_dense(f"{_ATTN}/value", "attention.attention.value"),
+    *_dense(f"{_ATTN}/out", "attention.output.dense"),
+    *_norm("LayerNorm_1", "layernorm_after"),
+    *_dense("MlpBlock_0/Dense_0", "intermediate.dense"),
+    *_dense("MlpBlock_0/Dense_1", "output.dense"),
+)
+
+RENAMES = rules(
+    ("cls", "vivit.embeddings.cls_token"),
+    *_dense("embedding", "vivit.embeddings.patch_embeddings.projection"),
+    ("Transformer/posembed_input/pos_embedding", "vivit.embeddings.position_embeddings"),
+    *prefixed("Transformer/encoderblock_{i}/", "vivit.encoder.layer.{i}.", _BLOCK),
+    *_norm("Transformer/encoder_norm", "vivit.layernorm"),
+    *_dense("output_projection", "classifier"),
+)
+
+_BLOCK_KEY = "Transformer/encoderblock_{i}/"
+LAYOUTS = tuple((Rule(source, None), op) for source, op in (  # source key -> torch layout; the rest is copied
+    ("embedding/kernel", reshape.conv_kernel_channels_last_to_first),
+    *((f"{_BLOCK_KEY}{_ATTN}/{x}/kernel", reshape.heads_in_kernel_to_linear) for x in ("query", "key", "value")),
+    *((f"{_BLOCK_KEY}{_ATTN}/{x}/bias", reshape.heads_bias_to_linear) for x in ("query", "key", "value")),
+    (f"{_BLOCK_KEY}{_ATTN}/out/kernel", reshape.heads_out_kernel_to_linear),
+    (f"{_BLOCK_KEY}MlpBlock_0/{{dense}}/kernel", reshape.dense_kernel_to_linear),
+    ("output_projection/kernel", reshape.dense_kernel_to_linear),
+))
+
+
+def _to_torch_layout(key: str, value: torch.Tensor) -> torch.Tensor:
+    ops = [op for rule, op in LAYOUTS if rule.apply(key)[0]]
+    if len(ops) > 1:
+        raise ValueError(f"{key}: several layout rules match")
+    return ops[0](value) if ops else value
+
+
+def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """Flattened scenic param tree ("/"-joined) -> HF state dict (4.x key names)."""
+    return apply_renames({k: _to_torch_layout(k, v) for k, v in state_dict.items()}, RENAMES)
+
+
+# ---- the installed transformers' names ---------------------------------------------------
+
+# transformers 5.x names of a 4.x ViT-family layer (checked against 4.57.6 and 5.23.0).
+HF5_LAYER = rules(
+    ("encoder.layer.{i}.attention.attention.query.{p}", "layers.{i}.attention.q_proj.{p}"),
+    ("encoder.layer.{i}.attention.attention.key.{p}", "layers.{i}.attention.k_proj.{p}"),
+    ("encoder.layer.{i}.attention.attention.value.{p}", "layers.{i}.attention.v_proj.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "layers.{i}.attention.o_proj.{p}"),
+    ("encoder.layer.{i}.intermediate.dense.{p}", "layers.{i}.mlp.fc1.{p}"),
+    ("encoder.layer.{i}.output.dense.{p}", "layers.{i}.mlp.fc2.{p}"),
+    ("encoder.layer.{i}.{norm}.{p}", "layers.{i}.{norm}.{p}"),  # layernorm_before/after
+)
+
+
+def to_hf5_names(state_dict: Mapping[str, torch.Tensor], base: str = "") -> dict[str, torch.Tensor]:
+    """4.x names -> 5.x names; keys outside `<base>encoder.layer.` keep theirs."""
+    layer = f"{base}encoder.layer."
+    inner = [k.removeprefix(base) for k in state_dict if k.startswith(layer)]
+    renamed = {base + k: base + new for k, new in rename_keys(inner, HF5_LAYER).items()}
+    return {renamed.get(k, k): v for k, v in state_dict.items()}
+
+
+@functools.cache
+def installed_uses_hf5_names(model_class: str = MODEL_CLASS) -> bool:
+    """Whether the installed transformers names this model's layers the 5.x way
+    (asked of the model itself, built on the meta device, not of a version string)."""
+    import transformers
+
+    cls = getattr(transformers, model_class)
+    config = cls.config_class(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
+    with torch.device("meta"):
+        keys = cls(config).state_dict().keys()
+    return not any(".encoder.layer.0." in f".{k}" for k in keys)
+
+
+def installed_schema(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return to_hf5_names(state_dict, "vivit.") if installed_uses_hf5_names() else dict(state_dict)
+
+
+# ---- the published check -------------------------------------------------------------------
+
+def real_input(variant: Variant, files, recipe: Mapping = SCRIPT_RECIPE) -> dict:
+    """The reference video (all 32 frames) through the recipe's processor."""
+    import numpy as np
+
+    frames = list(np.load(files[0])[: variant.inputs.params["frames"]])
+    return dict(hf_processor(variant.config, recipe)(frames, return_tensors="pt"))
+
+
+def real_outputs(model, variant: Variant, files) -> dict:
+    """`logits` on the script's input (the original recipe), `logits_integration_test`
+    on the newer integration test's input: each published set on its own input."""
+    return {"logits": model(**real_input(variant, files, SCRIPT_RECIPE)).logits,
+            "logits_integration_test": model(**real_input(variant, files, INTEGRATION_TEST_RECIPE)).logits}

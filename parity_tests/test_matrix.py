@@ -90,7 +90,7 @@ def test_full_size_structure(variant):
     full-size HF model's keys and shapes: nothing left over, nothing missing."""
     spec = pipeline.spec_of(variant)
     original = harness.adapter(variant.family).original_on_meta(spec)
-    converted = family_module(variant.family).convert(original, spec)
+    converted = pipeline.for_installed_transformers(variant, family_module(variant.family).convert(original, spec))
     want = {k: tuple(v.shape) for k, v in harness.hf_state_on_meta(variant, spec).items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
     assert sorted(set(want) - set(got)) == [], "HF keys the conversion does not produce"

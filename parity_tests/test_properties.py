@@ -32,7 +32,7 @@ def test_conversion_is_injective_and_total(variant, layers):
     raises on a key no rule matches and on two keys landing on one name) and yields
     exactly the HF model's keys and shapes."""
     original, hf, spec = _structures(variant.name, layers)
-    converted = family_module(variant.family).convert(original, spec)
+    converted = pipeline.for_installed_transformers(variant, family_module(variant.family).convert(original, spec))
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in hf.items()}
 
 
