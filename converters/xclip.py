@@ -269,13 +269,21 @@ def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None)
 
 # ---- the published check -------------------------------------------------------------------
 
+def process(processor, texts, video, padding=True) -> dict:
+    """Model inputs from XCLIPProcessor's own tokenizer and video processor.
+
+    Called through its parts: transformers 4.57.6's XCLIPProcessor(text=..., videos=...)
+    silently returns no pixel_values (parity_tests/test_xclip.py records it)."""
+    return {**processor.tokenizer(list(texts), padding=padding, return_tensors="pt"),
+            "pixel_values": processor.image_processor(list(video), return_tensors="pt")["pixel_values"]}
+
+
 def real_input(variant: Variant, files, tokenizer=None) -> dict:
     import numpy as np
 
     params = variant.inputs.params
     processor = hf_processor({"image_size": params["image_size"]}, tokenizer)
-    video = list(np.load(files[0])[: params["frames"]])
-    return dict(processor(text=list(params["texts"]), videos=video, return_tensors="pt", padding=params["padding"]))
+    return process(processor, params["texts"], np.load(files[0])[: params["frames"]], params["padding"])
 
 
 def real_outputs(model, variant: Variant, files, tokenizer=None) -> dict:
