@@ -86,6 +86,23 @@ _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
+    # numpy pickles arrays through _frombuffer(buffer, dtype, shape, order) at protocol 5
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+def _plain_mapping(items=(), /) -> dict:
+    """Stands in for Haiku's mapping classes, whose pickles call the class with one
+    dict of their items: the same items as a plain dict, Haiku never imported."""
+    return dict(items)
+
+
+# Haiku params pickled 2020-08..2021-12 (Perceiver IO's release) hold FlatMapping
+# objects, frozendict before that.
+_MAPPING_STANDINS = {
+    ("haiku._src.data_structures", "FlatMapping"): _plain_mapping,
+    ("haiku._src.data_structures", "frozendict"): _plain_mapping,
 }
 _TORCH_DTYPES = {str(t).removeprefix("torch.") for t in vars(torch).values() if isinstance(t, torch.dtype)}
 _NUMPY_DTYPE_CLASS = re.compile(r"numpy(\._core|\.core)?(\.multiarray)?|numpy\.dtypes")
@@ -94,6 +111,8 @@ _NUMPY_DTYPE_CLASS = re.compile(r"numpy(\._core|\.core)?(\.multiarray)?|numpy\.d
 def _resolve_safe(module: str, name: str):
     import importlib
 
+    if (module, name) in _MAPPING_STANDINS:
+        return _MAPPING_STANDINS[(module, name)]
     if (module, name) in _SAFE_GLOBALS or (module == "torch" and name in _TORCH_DTYPES):
         return getattr(importlib.import_module(module), name)
     if module == "numpy.dtypes" and name.endswith("DType"):  # numpy>=2 pickles dtype classes

@@ -116,11 +116,7 @@ def test_golden(variant, update_golden, record_diffs):
     harness.assert_parity(diffs, context)
     moved = [d for d in diffs if d.max_abs > 0]
     if moved and (made["torch"], made["transformers"]) != (now["torch"], now["transformers"]):
-        warnings.warn(GoldenDrift(f"{context}, within tolerance: " + "; ".join(d.describe() for d in moved)))
-
-
-class GoldenDrift(UserWarning):
-    """Outputs moved under other versions than the golden's, but within tolerance."""
+        warnings.warn(golden.GoldenDrift(f"{context}, within tolerance: " + "; ".join(d.describe() for d in moved)))
 
 
 def test_original_containers(variant_container):

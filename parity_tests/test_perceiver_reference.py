@@ -19,6 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from fixtures import perceiver_original as P  # noqa: E402
 
+# One xdist worker runs this module, so the module-scoped `tiny` fixture (six compiles)
+# is built once per run rather than once per worker.
+pytestmark = pytest.mark.xdist_group('perceiver-reference')
+
 
 # ----------------------------------------------------------------------------- numpy helpers
 
@@ -473,3 +477,67 @@ def test_save_checkpoint_roundtrip(tiny, tmp_path, arch):
                 np.testing.assert_array_equal(tree[m][k], ref[m][k])
     p2, s2 = P.load_checkpoint(path)
     assert set(p2) == set(params)
+
+
+# ----------------------------------------------------------------------------- options for the parity tests
+
+def test_gelu_exact_option_switches_only_the_activation(tiny):
+    """hparams gelu_approximate=False: the same network with exact (erf) GELU."""
+    hp, params, state, inputs, out = tiny['image_fourier']
+    exact = P.forward('image_fourier', dict(hp, gelu_approximate=False), params, state, inputs)['logits']
+    gap = np.abs(exact - out['logits']).max()
+    assert 1e-5 < gap < 1e-2, gap               # a small numerics change, not another network
+    x = np.linspace(-4, 4, 9, dtype=np.float32)[None, None]
+    f = hk.transform(lambda x: P.MLP(1)(x))
+    mlp = {'mlp/linear': {'w': np.eye(9, dtype=np.float32), 'b': np.zeros(9, np.float32)},
+           'mlp/linear_1': {'w': np.eye(9, dtype=np.float32), 'b': np.zeros(9, np.float32)}}
+    token = P._GELU_APPROXIMATE.set(False)
+    try:
+        got = np.asarray(f.apply(mlp, None, x))
+    finally:
+        P._GELU_APPROXIMATE.reset(token)
+    np.testing.assert_allclose(got, np_gelu_erf(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stem_padding_option(tiny):
+    """conv_padding/pool_padding build the stem with other paddings (the HF port's:
+    (3, 3) and an unpadded pool); the defaults are the original's TF SAME."""
+    hp, params, state, inputs, _ = tiny['image_conv']
+    pre = 'image_preprocessor/~/conv2_d_downsample/~/'
+    f = hk.transform_with_state(lambda x: P.Conv2DDownsample(
+        64, conv_padding=((3, 3), (3, 3)), pool_padding='VALID', name='conv2_d_downsample')(x, False))
+    sub = {k.split('image_preprocessor/~/')[1]: v for k, v in params.items() if k.startswith(pre[:-3])}
+    subs = {k.split('image_preprocessor/~/')[1]: v for k, v in state.items()}
+    got = np.asarray(jax.jit(f.apply)(sub, subs, None, inputs['images'])[0])
+    y = np.asarray(jax.lax.conv_general_dilated(
+        inputs['images'], params[pre + 'conv']['w'], (2, 2), ((3, 3), (3, 3)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=jax.lax.Precision.HIGHEST))
+    mean, var = state[pre + 'batchnorm/~/mean_ema']['average'], state[pre + 'batchnorm/~/var_ema']['average']
+    bn = params[pre + 'batchnorm']
+    y = np.maximum((y - mean) / np.sqrt(var + 1e-5) * bn['scale'] + bn['offset'], 0)
+    want = np.stack([np.stack([y[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(3)], 1)
+                     for i in range(3)], 1)   # 8x8 -> 3x3, no padding
+    assert got.shape == (2, 3, 3, 64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flatmapping_container_is_haikus_pre_2022_format(tiny, tmp_path):
+    """container='flatmapping' pickles every Haiku mapping by reference to
+    haiku._src.data_structures.FlatMapping, as Haiku's own pre-2022 test pickles do;
+    today's Haiku restores them as plain dicts."""
+    import pickletools
+
+    hp, params, state, _, _ = tiny['image_conv']
+    path = P.save_checkpoint('image_conv', params, state, tmp_path / 'c.pystate', container='flatmapping')
+    data = path.read_bytes()
+    names = [arg for op, arg, _ in pickletools.genops(data) if op.name in ('SHORT_BINUNICODE', 'BINUNICODE')]
+    assert 'haiku._src.data_structures' in names and 'FlatMapping' in names
+    assert max(op.proto for op, _, _ in pickletools.genops(data)) <= 4   # protocol 4 by default
+    p2, s2 = P.load_checkpoint(path)
+    assert type(p2) is dict and all(type(v) is dict for v in p2.values())
+    for m in params:
+        for k in params[m]:
+            np.testing.assert_array_equal(p2[m][k], params[m][k])
+    assert set(s2) == set(state)
+    with pytest.raises(ValueError, match='unknown container'):
+        P.save_checkpoint('mlm', params, state, tmp_path / 'x', container='npz')

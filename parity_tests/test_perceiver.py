@@ -1,0 +1,346 @@
+"""Perceiver IO beyond the matrix: where the HF port differs from the released original
+(strict xfails with the measured size), the settings that make it faithful, the Haiku
+containers through the real loader, and the conversion's layout routing.
+
+The matrix (test_matrix.py) compares the HF model with the original network run as the
+published HF class runs it (fixtures/parity_perceiver.py). Here the reference is the
+released original, one cause at a time: the other differences are held equal so that
+each measured number belongs to its cause.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from converters import checkpoint_io, perceiver, pipeline
+from converters.registry import get_variant
+from fixtures import harness
+from fixtures import parity_perceiver as pp
+from fixtures import perceiver_original as orig
+
+TOL = perceiver.TOLERANCE
+
+
+def _group(name: str):
+    return pytest.mark.xdist_group(name)  # the same worker as the variant's matrix case
+
+
+@functools.cache
+def _reference(name: str) -> dict:
+    c = harness.case(name)
+    return pp.build(c.spec, harness.SEED)
+
+
+@functools.cache
+def _reference_outputs(name: str, structure: str, hidden_act: str) -> dict:
+    """The reference on the matrix case's weights and inputs, with the given structure
+    ("port" or "original") and activation; compiled once per process."""
+    c = harness.case(name)
+    hp = pp.reference_hparams(c.spec, structure, hidden_act)
+    return pp.run_reference(_reference(name), c.inputs, hp)
+
+
+def _selected(name: str, structure: str, hidden_act: str) -> dict:
+    c = harness.case(name)
+    return pp.select_outputs(pp.arch_of(c.spec), _reference_outputs(name, structure, hidden_act), c.inputs)
+
+
+@functools.cache
+def _hf_model(name: str, hidden_act: str):
+    """The converted weights in the HF class, with another activation than the published one."""
+    c = harness.case(name)
+    model = pipeline.hf_model_class(c.variant)(perceiver.hf_config({**c.spec, "hidden_act": hidden_act})).eval()
+    model.load_state_dict(c.converted, strict=True)
+    return model
+
+
+def _check(expected: dict, actual: dict, context: str) -> None:
+    harness.assert_parity(harness.compare_outputs(expected, actual, **TOL), context)
+
+
+# ---- GELU: the published configs say exact, the original is tanh -------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "HF port differs: the published configs keep hidden_act='gelu' (exact erf) while every original uses "
+    "jax.nn.gelu (tanh approximation). Measured on the tiny models against the original's tanh GELU, all else "
+    "equal, max abs diff: language 5.4e-3 (attended logits), learned 6.0e-4, fourier 5.4e-4, conv 6.7e-4, "
+    "flow 4.3e-4 (decoder units; 4.3e-6 in logits), multimodal 6.4e-4 (label; audio 6.1e-4, image 4.5e-4). "
+    "hidden_act='gelu_pytorch_tanh' removes it (test_faithful_gelu_parity)."))
+def test_port_difference_gelu(perceiver_variant):
+    c = harness.case(perceiver_variant.name)
+    _check(_selected(perceiver_variant.name, "port", "gelu_pytorch_tanh"), c.hf_outputs(),
+           f"{perceiver_variant.name}: published exact GELU vs the original's tanh GELU")
+
+
+def test_faithful_gelu_parity(perceiver_variant):
+    """With hidden_act='gelu_pytorch_tanh' the converted model computes the original's
+    tanh GELU network. For language, fourier, flow and multimodal that network is the
+    released original itself; learned and conv keep the HF class's structure (below)."""
+    name = perceiver_variant.name
+    c = harness.case(name)
+    structure = "port" if pp.arch_of(c.spec) in pp.PORT_STRUCTURE else "original"
+    _check(_selected(name, structure, "gelu_pytorch_tanh"),
+           pp.hf_outputs(_hf_model(name, "gelu_pytorch_tanh"), c.inputs),
+           f"{name}: hidden_act='gelu_pytorch_tanh' vs the original")
+
+
+# ---- structure the HF classes hard-code ----------------------------------------------------
+
+@_group("vision-perceiver-learned")
+@pytest.mark.xfail(strict=True, reason=(
+    "HF port differs: PerceiverForImageClassificationLearned hard-codes use_query_residual=True in its "
+    "classification decoder; the original learned-position config decodes without a query residual (the "
+    "fourier and conv configs use one). No config setting changes it. Measured on the tiny model with the "
+    "faithful tanh GELU, so the residual is the only difference: max abs diff 1.93 in the logits."))
+def test_port_difference_learned_decoder_query_residual():
+    name = "vision-perceiver-learned"
+    _check(_selected(name, "original", "gelu_pytorch_tanh"),
+           pp.hf_outputs(_hf_model(name, "gelu_pytorch_tanh"), harness.case(name).inputs),
+           "learned: HF decoder with a query residual vs the original without")
+
+
+@_group("vision-perceiver-conv")
+@pytest.mark.xfail(strict=True, reason=(
+    "HF port differs: the conv stem pads the 7x7/2 convolution (3, 3) where the original pads TF SAME (2, 3) "
+    "(on even inputs), and max-pools 3x3/2 without padding where the original pads SAME. No config setting "
+    "changes it. Measured on the tiny model (16 px) with the faithful tanh GELU: max abs diff 1.35 in the "
+    "logits; the stem gives a 3x3 map where the original gives 4x4 (55x55 vs 56x56 at 224 px, "
+    "test_port_difference_conv_stem_size)."))
+def test_port_difference_conv_stem_padding():
+    name = "vision-perceiver-conv"
+    _check(_selected(name, "original", "gelu_pytorch_tanh"),
+           pp.hf_outputs(_hf_model(name, "gelu_pytorch_tanh"), harness.case(name).inputs),
+           "conv: HF stem padding vs TF SAME")
+
+
+def _tf_same(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _original_stem_size(size: int) -> tuple[int, int]:
+    import haiku as hk
+    import jax.numpy as jnp
+
+    stem = hk.transform_with_state(lambda x: orig.Conv2DDownsample(64)(x, True))
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    params, state = jax.eval_shape(stem.init, jax.random.PRNGKey(0), image)
+    return tuple(jax.eval_shape(lambda p, s, x: stem.apply(p, s, None, x)[0], params, state, image).shape[1:3])
+
+
+@_group("vision-perceiver-conv")
+@pytest.mark.xfail(strict=True, reason=(
+    "HF port differs: at 224 px the HF stem's feature map is 55x55, the original's 56x56 (max-pool without "
+    "padding); before the pool both are 112x112, but the (3, 3) padding samples the image one pixel off the "
+    "original's (2, 3): with the converted tiny kernel on a 224 px image the convolutions differ by up to 4.0."))
+def test_port_difference_conv_stem_size():
+    c = harness.case("vision-perceiver-conv")
+    stem = pipeline.hf_model_class(c.variant)(perceiver.hf_config(c.spec)).perceiver.input_preprocessor.convnet
+    weight = c.converted["perceiver.input_preprocessor.convnet.conv.weight"]
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32))
+    lo, hi = _tf_same(224, 7, 2)
+    with torch.no_grad():
+        same = F.conv2d(F.pad(x, (lo, hi, lo, hi)), weight, stride=2)
+        hf = F.conv2d(stem.conv.zero_pad_2d(x), weight, stride=2)
+        size = tuple(stem(x).shape[-2:])
+    conv = harness.compare("stem convolution", same, hf, **TOL)
+    assert size == _original_stem_size(224) and conv.ok, (
+        f"HF stem output {size}, original {_original_stem_size(224)}; {conv.describe()}")
+
+
+# ---- MLM ------------------------------------------------------------------------------------
+
+@_group("language-perceiver")
+@pytest.mark.xfail(strict=True, reason=(
+    "HF port differs: PerceiverForMaskedLM passes the attention mask to its decoder as query_mask, but the "
+    "decoder's cross-attention replaces it with inputs_mask=None, so padded query positions attend normally; "
+    "the original zeroes the attention output of fully masked query rows. Attended positions agree (1.2e-5); "
+    "measured on the tiny model at padded positions, max abs diff 21.9 in the logits (padding only: the "
+    "published values and masked predictions are at attended positions)."))
+def test_port_difference_mlm_padded_query_positions():
+    name = "language-perceiver"
+    c = harness.case(name)
+    mask = torch.from_numpy(c.inputs["original"]["input_mask"]).bool()
+    assert not mask.all(), "the tiny input must contain padding"
+    expected = _reference_outputs(name, "port", c.spec["hidden_act"])["logits"][~mask]
+    with torch.no_grad():
+        actual = pp.hf_forward(c.hf_model(), c.inputs)["logits"][~mask]
+    harness.assert_parity([harness.compare("padded_logits", expected, actual, **TOL)], "padded positions")
+
+
+@_group("language-perceiver")
+def test_mlm_masked_argmax():
+    """The masked positions are where the mask token was placed (the script's 51:60 on
+    the sentence without special tokens; the last 9 bytes of the [CLS] row), and the
+    converted model predicts exactly the original's tokens there."""
+    from transformers import PerceiverTokenizer
+
+    c = harness.case("language-perceiver")
+    ids = c.inputs["original"]["inputs"]
+    rows, cols = c.inputs["masked"]
+    assert cols[0].tolist() == list(range(51, 60))
+    assert (ids[rows, cols] == PerceiverTokenizer().mask_token_id).all()
+    assert (ids == PerceiverTokenizer().mask_token_id).sum() == rows.size
+    got, want = c.hf_outputs()["masked_argmax"], c.reference["masked_argmax"]
+    assert torch.equal(got, want), f"HF {got.tolist()} != original {want.tolist()}"
+    assert len(set(want.flatten().tolist())) > 1  # not a constant prediction
+
+
+# ---- optical flow: the colab's x20 ------------------------------------------------------------
+
+@_group("optical-flow-perceiver")
+def test_flow_output_is_the_models_not_the_colabs():
+    """HF's logits are the original model's output (decoder / 100); the colab's flow in
+    pixels is 20x that (FLOW_SCALE_FACTOR), applied outside the model. Measured on the tiny
+    model: HF vs the model output 1.9e-8, HF vs the colab's flow 0.47 (|logits| <= 0.025)."""
+    name = "optical-flow-perceiver"
+    c = harness.case(name)
+    original = _reference_outputs(name, "original", "gelu_pytorch_tanh")
+    with torch.no_grad():
+        hf = pp.hf_forward(_hf_model(name, "gelu_pytorch_tanh"), c.inputs)["logits"]
+    harness.assert_parity([harness.compare("logits", original["logits"], hf, **TOL)], "flow model output")
+    torch.testing.assert_close(original["flow"], 20 * original["logits"])
+    assert (original["flow"] - hf).abs().max() > 10 * hf.abs().max(), "HF would include the colab's x20"
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+PUBLISHED_CONFIG = {  # config.json fields of the hub models that the converter derives or fixes
+    "language-perceiver": dict(hidden_act="gelu", qk_channels=256, v_channels=1280, d_model=768, image_size=56),
+    "vision-perceiver-learned": dict(hidden_act="gelu", image_size=224, d_model=512),
+    "vision-perceiver-fourier": dict(hidden_act="gelu", image_size=56, d_model=261),
+    "vision-perceiver-conv": dict(hidden_act="gelu", image_size=56, d_model=322),
+    "optical-flow-perceiver": dict(hidden_act="gelu", train_size=[368, 496], d_model=322),
+    "multimodal-perceiver": dict(hidden_act="gelu", image_size=56, output_shape=[1, 16, 224, 224],
+                                 num_frames=16, d_model=704),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIG)
+def test_full_size_config_is_the_published_one(name):
+    """hf_config on the registry writes the published values, including those it derives
+    (train_size, output_shape) and the class-ignored image_size the hub keeps at 56."""
+    variant = get_variant(name)
+    config = perceiver.hf_config(pipeline.spec_of(variant)).to_dict()
+    assert {k: config[k] for k in PUBLISHED_CONFIG[name]} == PUBLISHED_CONFIG[name]
+
+
+# ---- Haiku pickles through the real loader path ---------------------------------------------
+
+def _save(name: str, path, **kwargs):
+    reference = _reference(name)
+    orig.save_checkpoint(reference["arch"], reference["params"], reference["state"], path, **kwargs)
+    return path
+
+
+def _loads_like_the_matrix(name: str, path) -> None:
+    c = harness.case(name)
+    converted = perceiver.convert(pipeline.load_original_state_dict(path, c.variant), c.spec)
+    assert converted.keys() == c.converted.keys()
+    assert all(torch.equal(converted[k], c.converted[k]) for k in converted)
+
+
+# The released files were written by Haiku between 2020-08 and 2021-12: params are
+# FlatMapping objects pickled by reference to haiku._src.data_structures.FlatMapping.
+def test_released_flatmapping_container_loads(perceiver_variant, tmp_path):
+    name = perceiver_variant.name
+    _loads_like_the_matrix(name, _save(name, tmp_path / "ckpt", container="flatmapping"))
+
+
+# numpy pickles arrays through numpy._core.numeric._frombuffer at protocol 5.
+def test_protocol_5_pickle_loads(perceiver_variant, tmp_path):
+    name = perceiver_variant.name
+    _loads_like_the_matrix(name, _save(name, tmp_path / "ckpt", protocol=5))
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a hostile checkpoint would carry."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _hostile(path, payload_at):
+    """A Haiku-shaped params tree with the payload at `payload_at` ("leaf" or "root")."""
+    marker = path.with_suffix(".pwned")
+    payload = _Payload(f"touch {marker}")
+    tree = payload if payload_at == "root" else {"embed": {"embeddings": np.zeros((2, 2), np.float32)},
+                                                  "embedding_decoder": {"bias": payload}}
+    path.write_bytes(pickle.dumps(tree, protocol=4))
+    return marker
+
+
+@pytest.mark.parametrize("payload_at", ["leaf", "root"])
+def test_hostile_haiku_pickle_is_refused_by_name(payload_at, tmp_path):
+    variant = get_variant("language-perceiver")
+    path = tmp_path / variant.source.filename
+    marker = _hostile(path, payload_at)
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"refusing to unpickle (posix|os|nt)\.system"):
+        pipeline.load_original_state_dict(path, variant)
+    assert not marker.exists(), "the payload ran"
+
+
+def test_non_container_haiku_global_is_refused(tmp_path):
+    """Allowing Haiku's containers must not open Haiku: a pickle that calls another Haiku
+    function is refused by name."""
+    from haiku._src import data_structures
+
+    path = tmp_path / "params.pickle"
+    evil = type("Evil", (), {"__reduce__": lambda self: (data_structures.to_haiku_dict, ({},))})
+    path.write_bytes(pickle.dumps({"embed": {"embeddings": evil()}}, protocol=4))
+    with pytest.raises(checkpoint_io.CheckpointError, match="haiku._src.data_structures.to_haiku_dict"):
+        pipeline.load_original_state_dict(path, get_variant("language-perceiver"))
+
+
+# ---- layout routing on the real key names -----------------------------------------------------
+
+small = st.integers(min_value=1, max_value=5)
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@given(kh=st.integers(1, 7), kw=st.integers(1, 7), cin=small, cout=small, seed=st.integers(0, 2**16))
+def test_conv_kernels_keep_their_spatial_axes(kh, kw, cin, cout, seed):
+    """Both Haiku conv keys route to HWIO -> OIHW (a plain .T on a 4-D kernel, the upstream
+    script's transpose, would also swap H and W); the torch conv then computes Haiku's."""
+    kernel, x = _rand(kh, kw, cin, cout, seed=seed), _rand(1, 9, 8, cin, seed=seed + 1)
+    want = np.asarray(jax.lax.conv_general_dilated(x.numpy(), kernel.numpy(), (2, 2), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                   precision=jax.lax.Precision.HIGHEST))
+    for key in ("image_preprocessor/~/conv2_d_downsample/~/conv/w", "image_preprocessor/~/conv2_d/w"):
+        weight = perceiver._relayout(key, kernel)
+        (top, bottom), (left, right) = _tf_same(9, kh, 2), _tf_same(8, kw, 2)
+        got = F.conv2d(F.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom)), weight, stride=2)
+        np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@given(i=small, o=small, c=small, seed=st.integers(0, 2**16))
+def test_linear_and_batchnorm_layouts(i, o, c, seed):
+    """hk.Linear keys transpose (x @ w == F.linear), batch-norm (1, 1, 1, C) tensors keep
+    their channel order, the EMA counter becomes torch's int64 count."""
+    w, x = _rand(i, o, seed=seed), _rand(3, i, seed=seed + 1)
+    for key in ("perceiver_encoder/~/self_attention_3/attention/linear_2/w", "image_preprocessor/patches_linear/w",
+                "classification_decoder/~/basic_decoder/output/w"):
+        torch.testing.assert_close(F.linear(x, perceiver._relayout(key, w)), x @ w)
+    stat = _rand(1, 1, 1, c, seed=seed + 2)
+    bn = "image_preprocessor/~/conv2_d_downsample/~/batchnorm"
+    for key in (f"{bn}/scale", f"{bn}/offset", f"state/{bn}/~/mean_ema/average", f"state/{bn}/~/var_ema/average"):
+        assert torch.equal(perceiver._relayout(key, stat), stat[0, 0, 0])
+    count = perceiver._relayout(f"state/{bn}/~/mean_ema/counter", torch.tensor(7, dtype=torch.int32))
+    assert count.dtype == torch.int64 and int(count) == 7
+    pos = _rand(c, o, seed=seed + 3)  # position encodings and embeddings are used as stored
+    assert torch.equal(perceiver._relayout("embed/embeddings", pos), pos)
