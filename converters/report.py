@@ -119,7 +119,7 @@ def _plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_pa
             linestyle="--", label="tolerance (atol)")
     ax.set_yscale("log")
     ax.set_xticks(list(x), variants, rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel(f"max abs difference, original vs HF (exact 0 drawn at {floor:g})")
+    ax.set_ylabel(f"max abs diff (0 drawn at {floor:g})")
     ax.set_title("Parity: tiny original reference vs converted HF model")
     ax.legend(fontsize=8)
     ax.grid(True, which="major", axis="y", alpha=0.3)
