@@ -7,6 +7,9 @@ the original framework's layer with the original layout.
 """
 from __future__ import annotations
 
+import re
+from typing import Mapping
+
 import torch
 
 
@@ -23,6 +26,22 @@ def split_qkv(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)
+
+
+def split_fused_qkv(state_dict: Mapping[str, torch.Tensor], pattern: str, target: str,
+                    names: tuple[str, str, str] = ("q", "k", "v")) -> dict[str, torch.Tensor]:
+    """Every key fully matching `pattern` (a regex with named groups) is split into
+    three, named by `target` formatted with those groups and `qkv` in `names`; other
+    keys pass through. E.g. `(?P<m>.+)\\.in_proj_(?P<p>weight|bias)` -> `{m}.{qkv}_proj.{p}`."""
+    regex, out = re.compile(pattern), {}
+    for key, value in state_dict.items():
+        m = regex.fullmatch(key)
+        if m is None:
+            out[key] = value
+            continue
+        for name, part in zip(names, split_qkv(value)):
+            out[target.format(qkv=name, **m.groupdict())] = part
+    return out
 
 
 def dense_kernel_to_linear(kernel: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ for ViViT (see converters/vivit.py): the published checkpoints' names, loadable 
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
@@ -141,20 +140,12 @@ RENAMES = rules(
     ("norm.{p}", "layernorm.{p}"),
     ("fc.{layer}.{p}", None),  # the MSN projection head: not part of the backbone
 )
-_QKV = re.compile(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)")
 
 
 def split_qkv(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`blocks.i.attn.qkv.*` (rows [q; k; v]) -> `blocks.i.attn.{query,key,value}.*`."""
-    out = {}
-    for key, value in state_dict.items():
-        m = _QKV.fullmatch(key)
-        if m is None:
-            out[key] = value
-            continue
-        for name, part in zip(("query", "key", "value"), reshape.split_qkv(value)):
-            out[f"{m.group(1)}.{name}.{m.group(2)}"] = part
-    return out
+    return reshape.split_fused_qkv(state_dict, r"(?P<m>blocks\.\d+\.attn)\.qkv\.(?P<p>weight|bias)",
+                                   "{m}.{qkv}.{p}", names=("query", "key", "value"))
 
 
 def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ MLP = 4 x width everywhere, and so does `hf_config`.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Mapping
 
 import torch
@@ -243,20 +242,11 @@ RENAMES = rules(
     *prefixed("prompts_generator.decoder.{i}.", "prompts_generator.decoder.{i}.", _PROMPT_LAYER),
 )
 TRANSPOSED = ("visual_projection.weight", "text_projection.weight")  # x @ P -> Linear(P.T)
-_IN_PROJ = re.compile(r"(.+)\.in_proj_(weight|bias)")
 
 
 def split_in_proj(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every fused `<m>.in_proj_{weight,bias}` -> `<m>.{q,k,v}_proj.{weight,bias}`."""
-    out = {}
-    for key, value in state_dict.items():
-        m = _IN_PROJ.fullmatch(key)
-        if m is None:
-            out[key] = value
-            continue
-        for name, part in zip("qkv", reshape.split_qkv(value)):
-            out[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = part
-    return out
+    return reshape.split_fused_qkv(state_dict, r"(?P<m>.+)\.in_proj_(?P<p>weight|bias)", "{m}.{qkv}_proj.{p}")
 
 
 def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
