@@ -36,6 +36,32 @@ def pytest_configure(config):
         os.environ["CONVERT_PARITY_OFFLINE"] = "1"
 
 
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache used offline; returns `put(hf_url, data)` that
+    stores a file in it exactly where hf_hub_download looks (refs/main -> snapshot)."""
+    import huggingface_hub.constants as hc
+
+    from converters.checkpoint_io import parse_hub_url
+
+    root = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(root))  # read once at import
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    revision = "0123456789abcdef0123456789abcdef01234567"
+
+    def put(url: str, data: bytes) -> None:
+        repo_type, repo_id, _, filename = parse_hub_url(url)
+        repo = root / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / revision / filename).write_bytes(data)
+
+    return put
+
+
 @pytest.fixture(scope="session")
 def update_golden(request) -> bool:
     return request.config.getoption("--update-golden")

@@ -221,22 +221,9 @@ def test_google_drive_links_use_the_drive_downloader(cache, monkeypatch):
     assert calls == ["17yvuYp9L4mn-HpIcK5Zo6K3UoOy1kA5l"] and path.read_bytes() == b"drive bytes"
 
 
-def test_hub_file_from_prepopulated_cache_offline(tmp_path, monkeypatch):
+def test_hub_file_from_prepopulated_cache_offline(offline_hub_cache):
     """hf:// URLs go through hf_hub_download; offline, a cached snapshot is used."""
-    hub_cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_cache / "datasets--hf-internal-testing--spaghetti-video"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    snap = repo / "snapshots" / revision
-    snap.mkdir(parents=True)
-    (snap / "eating_spaghetti.npy").write_bytes(b"video")
+    offline_hub_cache("hf://datasets/hf-internal-testing/spaghetti-video/eating_spaghetti.npy", b"video")
     path = io.fetch("hf://datasets/hf-internal-testing/spaghetti-video/eating_spaghetti.npy")
     assert path.read_bytes() == b"video"
     with pytest.raises(DownloadError, match=r"could not get hf://datasets/hf-internal-testing/spaghetti-video/other.npy "

@@ -45,16 +45,7 @@ def test_published_values(variant, allow_downloads, tmp_path, monkeypatch, recor
     check_published(variant, allow_downloads, tmp_path, monkeypatch, record_diffs)
 
 
-def _hub_cache_file(root, repo_type: str, repo_id: str, filename: str, data: bytes):
-    revision = "0" * 40
-    repo = root / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / revision / filename).write_bytes(data)
-
-
-def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeypatch):
+def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeypatch, offline_hub_cache):
     """The tier's own path (cached checkpoint and video, convert_file, from_pretrained,
     the published recipe, the value check) on a tiny stand-in: the checkpoint is the
     tiny reference's, the published values are the reference's own outputs on the
@@ -62,22 +53,18 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
     import dataclasses
     import io
 
-    import huggingface_hub.constants as hc
     import numpy as np
 
     variant = timesformer_variant
     c = harness.case(variant.name)
     monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     inputs = dataclasses.replace(variant.inputs, params={**variant.inputs.params, "frames": c.spec["num_frames"],
                                                          "image_size": c.spec["image_size"]})
     video = np.random.default_rng(0).integers(0, 256, (max(16, c.spec["num_frames"]), 40, 48, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     np.save(buffer, video)
     for url in variant.inputs.files:
-        repo_type, repo_id, _, filename = checkpoint_io.parse_hub_url(url)
-        _hub_cache_file(tmp_path / "hub", repo_type, repo_id, filename, buffer.getvalue())
+        offline_hub_cache(url, buffer.getvalue())
     cached = checkpoint_io.cache_path_for(variant.source.url, variant.source.filename)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(c.checkpoint.read_bytes())
