@@ -151,10 +151,12 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     import signal
+    import threading
 
     args = build_parser().parse_args(argv)
-    if threading_is_main():
-        signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM unwinds for this call only; signal handlers can only be set on the main thread.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
@@ -168,12 +170,9 @@ def main(argv=None) -> int:
             checkpoint_io.OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
