@@ -17,7 +17,7 @@ from converters import checkpoint_io, pipeline, vit_msn, vivit
 from converters.registry import PublishedValues, get_variant
 from converters.rename import RenameError
 from fixtures import harness
-from test_real_checkpoints import _hub_cache_file, check_published
+from test_real_checkpoints import check_published
 
 VIVIT = "vivit-b-16x2-kinetics400"
 MSN = tuple(v.name for v in vit_msn.VARIANTS)
@@ -181,10 +181,10 @@ def test_on_disk_names_are_what_save_pretrained_writes(name, tmp_path):
 
 # ---- the real tier on the tiny models, end to end from caches -----------------------------------
 
-def _cache_file(url: str, data: bytes, tmp_path):
+def _cache_file(url: str, data: bytes, put_hub):
+    """`put_hub` is the offline_hub_cache fixture: hub files go there, URLs to our cache."""
     if url.startswith("hf://"):
-        repo_type, repo_id, _, filename = checkpoint_io.parse_hub_url(url)
-        _hub_cache_file(tmp_path / "hub", repo_type, repo_id, filename, data)
+        put_hub(url, data)
     else:
         path = checkpoint_io.cache_path_for(url)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,11 +192,7 @@ def _cache_file(url: str, data: bytes, tmp_path):
 
 
 def _offline_caches(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))  # the hub cache: offline_hub_cache
 
 
 def _tiny_variant(tiny, c: harness.Case, published, tmp_path):
@@ -207,7 +203,7 @@ def _tiny_variant(tiny, c: harness.Case, published, tmp_path):
     return dataclasses.replace(tiny, published=tuple(published))
 
 
-def _vivit_tier_case(tmp_path, monkeypatch):
+def _vivit_tier_case(tmp_path, monkeypatch, put_hub):
     """The tiny ViViT, a random 32-frame video in the caches, and each published set
     replaced by the reference's logits on that set's own recipe."""
     _offline_caches(tmp_path, monkeypatch)
@@ -215,7 +211,7 @@ def _vivit_tier_case(tmp_path, monkeypatch):
     video = np.random.default_rng(0).integers(0, 256, (32, 40, 48, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     np.save(buffer, video)
-    _cache_file(c.variant.inputs.files[0], buffer.getvalue(), tmp_path)
+    _cache_file(c.variant.inputs.files[0], buffer.getvalue(), put_hub)
     files = [checkpoint_io.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec, inputs=dataclasses.replace(
         c.variant.inputs, params={**c.variant.inputs.params, "frames": c.spec["num_frames"]}))
@@ -235,15 +231,15 @@ def _vivit_tier_case(tmp_path, monkeypatch):
 
 
 @on_vivit
-def test_vivit_tier_checks_each_published_set_on_its_recipe(tmp_path, monkeypatch):
-    check_published(_vivit_tier_case(tmp_path, monkeypatch), False, tmp_path, monkeypatch)
+def test_vivit_tier_checks_each_published_set_on_its_recipe(tmp_path, monkeypatch, offline_hub_cache):
+    check_published(_vivit_tier_case(tmp_path, monkeypatch, offline_hub_cache), False, tmp_path, monkeypatch)
 
 
 @on_vivit
-def test_vivit_tier_fails_with_the_recipes_swapped(tmp_path, monkeypatch):
+def test_vivit_tier_fails_with_the_recipes_swapped(tmp_path, monkeypatch, offline_hub_cache):
     """The two recipes give different inputs ([-1, 1] vs [-3, 1]): swapping the published
     sets between them must fail, so each set is really read from its own input."""
-    variant = _vivit_tier_case(tmp_path, monkeypatch)
+    variant = _vivit_tier_case(tmp_path, monkeypatch, offline_hub_cache)
     a, b = variant.published
     swapped = (dataclasses.replace(a, values=b.values), dataclasses.replace(b, values=a.values))
     with pytest.raises(AssertionError, match="out of tolerance"):
@@ -251,7 +247,7 @@ def test_vivit_tier_fails_with_the_recipes_swapped(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", grouped(MSN[0], MSN[3]))
-def test_msn_tier_runs_end_to_end_from_caches(name, tmp_path, monkeypatch):
+def test_msn_tier_runs_end_to_end_from_caches(name, tmp_path, monkeypatch, offline_hub_cache):
     """The COCO image recipe, the converted backbone and `last_hidden_state[0, 0, :3]`
     against the tiny reference on the same processed image; the small model's
     integration-test logits (values None) are not checked."""
@@ -261,7 +257,7 @@ def test_msn_tier_runs_end_to_end_from_caches(name, tmp_path, monkeypatch):
     c = harness.case(name)
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    _cache_file(c.variant.inputs.files[0], buffer.getvalue(), tmp_path)
+    _cache_file(c.variant.inputs.files[0], buffer.getvalue(), offline_hub_cache)
     files = [checkpoint_io.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec)
     pixels = vit_msn.real_input(tiny, files)["pixel_values"]
