@@ -16,6 +16,17 @@ settings.register_profile("nightly", max_examples=500, deadline=None, print_blob
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("CONVERT_PARITY_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "dev"))
 
+# Under `-n auto` every xdist worker would start one compute thread per core (torch's
+# OpenMP pool, XLA's Eigen pool): on 2 cores that is 4 threads fighting over tiny
+# tensors, which measured 1.7x slower than one thread each. Split the cores instead;
+# set before anything imports torch or jax (conftest loads before the test modules).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _THREADS)
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={_THREADS}")
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("convert-parity")
@@ -60,6 +71,19 @@ def offline_hub_cache(tmp_path, monkeypatch):
         (repo / "snapshots" / revision / filename).write_bytes(data)
 
     return put
+
+
+@pytest.fixture(scope="session")
+def full_size_timesformer_file(tmp_path_factory):
+    """A random full-size TimeSformer-base original checkpoint (464 MiB), written once per
+    worker; tests using it share the xdist group `full-size-timesformer`."""
+    from converters.registry import get_variant
+    from fixtures import timesformer_original as original
+
+    spec = dict(get_variant("timesformer-base-finetuned-k400").config)
+    path = tmp_path_factory.mktemp("full-size") / "TimeSformer_divST_8x32_224_K400.pyth"
+    original.save_checkpoint(original.TimeSformer(**original.constructor_args(spec)), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -60,15 +60,11 @@ def test_non_empty_output_refused_before_work(capsys, tmp_path):
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
 
 
-def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
+@pytest.mark.xdist_group("full-size-timesformer")
+def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch, full_size_timesformer_file):
     """The product path at full size: a random full-size original file -> CLI -> from_pretrained."""
     monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only
-    from converters.registry import get_variant
-
-    spec = dict(get_variant("timesformer-base-finetuned-k400").config)
-    model = timesformer_original.TimeSformer(**timesformer_original.constructor_args(spec))
-    path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
-    timesformer_original.save_checkpoint(model, path)
+    path = full_size_timesformer_file
     code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
                        "--out", str(tmp_path / "hf"), "--verify")
     assert code == 0, err

@@ -8,24 +8,13 @@ import time
 
 import pytest
 
-from converters.registry import get_variant
-from fixtures import timesformer_original
 
-
-@pytest.fixture(scope="module")
-def full_size_file(tmp_path_factory):
-    spec = dict(get_variant("timesformer-base-finetuned-k400").config)
-    path = tmp_path_factory.mktemp("ckpt") / "TimeSformer_divST_8x32_224_K400.pyth"
-    timesformer_original.save_checkpoint(
-        timesformer_original.TimeSformer(**timesformer_original.constructor_args(spec)), path)
-    return path
-
-
+@pytest.mark.xdist_group("full-size-timesformer")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_write_leaves_no_output(full_size_file, tmp_path, sig):
+def test_signal_during_write_leaves_no_output(full_size_timesformer_file, tmp_path, sig):
     out = tmp_path / "work" / "hf"
     cmd = [sys.executable, "-m", "converters.cli", "convert", "timesformer-base-finetuned-k400",
-           "--checkpoint", str(full_size_file), "--out", str(out)]
+           "--checkpoint", str(full_size_timesformer_file), "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={"CONVERT_PARITY_OFFLINE": "1",
                                                                          "PATH": "/usr/bin:/bin"})
     seen = []

@@ -132,7 +132,7 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     variant = get_variant("xclip-base-patch32")
     hparams = parity_xclip.hparams(variant.config)
     path = tmp_path / "k400_32_8.pth"
-    xclip_original.save_checkpoint(xclip_original.build_reference(hparams, 0), path)
+    xclip_original.save_checkpoint(xclip_original.build_reference(hparams, 0), path, training_state=False)
     code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
     err = capsys.readouterr().err
     assert code == 0, err
