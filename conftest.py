@@ -74,19 +74,6 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def full_size_timesformer_file(tmp_path_factory):
-    """A random full-size TimeSformer-base original checkpoint (464 MiB), written once per
-    worker; tests using it share the xdist group `full-size-timesformer`."""
-    from converters.registry import get_variant
-    from fixtures import timesformer_original as original
-
-    spec = dict(get_variant("timesformer-base-finetuned-k400").config)
-    path = tmp_path_factory.mktemp("full-size") / "TimeSformer_divST_8x32_224_K400.pyth"
-    original.save_checkpoint(original.TimeSformer(**original.constructor_args(spec)), path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def update_golden(request) -> bool:
     return request.config.getoption("--update-golden")
 

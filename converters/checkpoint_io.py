@@ -120,9 +120,18 @@ def _resolve_safe(module: str, name: str):
     return None
 
 
+# Modules whose functions run commands, load code or reach the system. No checkpoint
+# needs them; a pickle naming one is hostile or broken, and is refused loudly even
+# where other unknown objects (training configs) become inert stand-ins.
+_HOSTILE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket",
+                    "importlib", "runpy", "pty", "code", "ctypes", "pickle", "marshal", "types", "operator",
+                    "functools", "webbrowser", "multiprocessing", "signal", "io", "pathlib", "tempfile"}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only `_SAFE_GLOBALS`; any other global becomes an
-    inert stand-in (policy "inert") or is refused (policy "refuse")."""
+    """Unpickler that resolves only `_SAFE_GLOBALS`; a global from `_HOSTILE_MODULES`
+    is refused; any other becomes an inert stand-in (policy "inert") or is refused
+    (policy "refuse")."""
 
     policy = "inert"
 
@@ -135,6 +144,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         if obj is not None:
             return obj
         qualified = f"{module}.{name}"
+        if module.split(".")[0] in _HOSTILE_MODULES:
+            raise CheckpointError(f"refusing to unpickle {qualified}: the file would call it while loading, "
+                                  f"which no checkpoint needs (hostile or corrupt file); nothing was run")
         if self.policy == "refuse":
             raise CheckpointError(f"refusing to unpickle {qualified}: not an array or a container type")
         self.untrusted.append(qualified)

@@ -4,6 +4,7 @@ Each test id carries the variant name (`test_logits_parity[timesformer-hr-finetu
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -46,14 +47,22 @@ def _converted_dir(c: harness.Case) -> Path:
     return out
 
 
+@functools.cache
+def _loaded(variant_name: str):
+    """from_pretrained on the converted output, with its loading info; shared by the two
+    checks that need it (the variant's xdist group keeps them on one worker)."""
+    c = harness.case(variant_name)
+    model, info = pipeline.hf_model_class(c.variant).from_pretrained(_converted_dir(c), output_loading_info=True)
+    return model.eval(), info
+
+
 def test_loading_keys(variant):
     """from_pretrained on the converted output reports exactly the recorded missing and
     unexpected keys for this transformers line (and no shape mismatches)."""
     recorded = json.loads((EXPECTED_KEYS_DIR / f"{variant.family}.json").read_text())
     assert TRANSFORMERS_LINE in recorded, f"no expected key lists recorded for transformers {TRANSFORMERS_LINE}"
     expected = recorded[TRANSFORMERS_LINE]
-    c = harness.case(variant.name)
-    _, info = pipeline.hf_model_class(variant).from_pretrained(_converted_dir(c), output_loading_info=True)
+    _, info = _loaded(variant.name)
     assert sorted(info["missing_keys"]) == sorted(expected["missing"]), "missing keys changed"
     assert sorted(info["unexpected_keys"]) == sorted(expected["unexpected"]), "unexpected keys changed"
     assert not info.get("mismatched_keys"), f"shape mismatches: {info['mismatched_keys']}"
@@ -63,10 +72,9 @@ def test_round_trip(variant, tmp_path):
     """Converted output -> from_pretrained -> save_pretrained -> from_pretrained:
     bit-identical outputs and an equal config at every step."""
     c = harness.case(variant.name)
-    cls = pipeline.hf_model_class(variant)
-    loaded = cls.from_pretrained(_converted_dir(c)).eval()
+    loaded, _ = _loaded(variant.name)
     loaded.save_pretrained(tmp_path)
-    reloaded = cls.from_pretrained(tmp_path).eval()
+    reloaded = pipeline.hf_model_class(variant).from_pretrained(tmp_path).eval()
     in_memory = c.hf_outputs()
     for model in (loaded, reloaded):
         for key, value in c.hf_outputs(model).items():
