@@ -133,7 +133,8 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     hparams = parity_xclip.hparams(variant.config)
     path = tmp_path / "k400_32_8.pth"
     xclip_original.save_checkpoint(xclip_original.build_reference(hparams, 0), path, training_state=False)
-    code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
+    with pytest.warns(UserWarning, match=r"inert data: config \(fixtures.xclip_original.TrainingConfig\)"):
+        code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "verified" in err and "logits_per_video': (1, 2)" in err
