@@ -45,6 +45,31 @@ def pytest_configure(config):
     if not config.getoption("--real-checkpoints"):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["CONVERT_PARITY_OFFLINE"] = "1"
+    # Randomized profiles get one seed per run, chosen by the controller and handed to
+    # xdist workers through the environment (they re-parse the command line, not the
+    # controller's options), then printed, so that a failure replays with
+    # --hypothesis-seed. Derandomized profiles (ci) are the same on every run.
+    if not settings.default.derandomize and config.getoption("hypothesis_seed", None) is None:
+        from hypothesis import core
+
+        seed = int(os.environ.setdefault("CONVERT_PARITY_HYPOTHESIS_SEED", str(int.from_bytes(os.urandom(4), "little"))))
+        config.option.hypothesis_seed = core.global_force_seed = seed
+
+
+def _replay_hint(config) -> str | None:
+    seed = config.getoption("hypothesis_seed", None)
+    if settings.default.derandomize:
+        return f"hypothesis profile {settings.get_current_profile_name()!r} is derandomized: a rerun replays it"
+    return f"hypothesis seed {seed}: replay a failure with --hypothesis-seed={seed}" if seed is not None else None
+
+
+def pytest_report_header(config):
+    return _replay_hint(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if exitstatus != 0 and (hint := _replay_hint(config)):
+        terminalreporter.write_line(hint)
 
 
 @pytest.fixture
@@ -71,6 +96,28 @@ def offline_hub_cache(tmp_path, monkeypatch):
         (repo / "snapshots" / revision / filename).write_bytes(data)
 
     return put
+
+
+@pytest.fixture
+def stand_in_suite(tmp_path):
+    """Run a small test file in a fresh pytest with this conftest as its plugin:
+    `run(source, *pytest_args, env=None)` -> CompletedProcess (text output); an env
+    value of None removes the variable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(source: str, *args: str, env: dict | None = None):
+        suite = tmp_path / "stand_in" / "test_stand_in.py"
+        suite.parent.mkdir(exist_ok=True)
+        suite.write_text(source)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-p", "no:benchmark",
+               str(suite), *args]
+        return subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
+                              check=False)
+
+    return run
 
 
 @pytest.fixture(scope="session")

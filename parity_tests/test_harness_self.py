@@ -2,6 +2,8 @@
 the failure must say how much and where."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -47,3 +49,27 @@ def test_select_published_expression():
     out = {"logits": torch.arange(12.0).reshape(2, 6)}
     assert harness.select(out, "logits[0, :3]").tolist() == [0, 1, 2]
     assert harness.select(out, "logits[1, 2:4]").tolist() == [8, 9]
+
+
+RARE_FAILURE = """
+from hypothesis import Phase, given, settings, strategies as st
+
+@settings(phases=[Phase.generate], database=None)  # no shrinking: the example shown is the one drawn
+@given(st.integers(0, 10**9))
+def test_rarely(n):
+    assert n % 7 != 3
+"""
+
+
+def test_hypothesis_failure_replays_from_the_printed_seed(stand_in_suite):
+    """A randomized run prints its seed; the same seed draws the same failing example,
+    on xdist workers too (they share the controller's seed)."""
+    def falsified(done):
+        return re.search(r"n=(\d+)", done.stdout).group(1), re.search(r"--hypothesis-seed=(\d+)", done.stdout)
+
+    randomized = {"CONVERT_PARITY_HYPOTHESIS": "dev", "CI": None}  # any CI variable makes Hypothesis derandomize
+    first, hint = falsified(stand_in_suite(RARE_FAILURE, "-n", "2", env=randomized))
+    assert hint, "the run did not print its seed"
+    seed = hint.group(1)
+    again, _ = falsified(stand_in_suite(RARE_FAILURE, f"--hypothesis-seed={seed}", env=randomized))
+    assert again == first

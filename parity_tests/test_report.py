@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from converters import report
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _row(variant, check, max_abs, status="passed", atol=1e-5):
@@ -65,15 +61,10 @@ def test_port_difference():
 """
 
 
-def test_results_file_written_once_under_xdist(tmp_path):
+def test_results_file_written_once_under_xdist(tmp_path, stand_in_suite):
     """Two workers, one results file with every check's row, status, diffs and the versions."""
-    suite = tmp_path / "suite" / "test_stand_in.py"
-    suite.parent.mkdir()
-    suite.write_text(STAND_IN_SUITE)
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "conftest", "-p", "no:cacheprovider", "-p", "no:benchmark",
-           str(suite), "--results", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = stand_in_suite(STAND_IN_SUITE, "-n", "2", "--results", str(out))
     assert done.returncode == 1, done.stdout[-2000:]  # v-d fails, and the run says so
     rows = {r["variant"] or r["check"]: r for r in report.read_results(out)["rows"]}
     assert sorted(rows) == ["test_port_difference", "v-a", "v-b", "v-c", "v-d"]
