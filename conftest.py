@@ -16,16 +16,14 @@ settings.register_profile("nightly", max_examples=500, deadline=None, print_blob
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("CONVERT_PARITY_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "dev"))
 
-# Under `-n auto` every xdist worker would start one compute thread per core (torch's
-# OpenMP pool, XLA's Eigen pool): on 2 cores that is 4 threads fighting over tiny
-# tensors, which measured 1.7x slower than one thread each. Split the cores instead;
-# set before anything imports torch or jax (conftest loads before the test modules).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, _THREADS)
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={_THREADS}")
+# One compute thread per test process (torch's OpenMP pool, XLA's Eigen pool), serial or
+# under xdist: the thread count changes the order of float reductions, and with it the
+# last bits of every output (measured: serial runs with 2 threads differed from -n auto
+# runs by up to 1e-6 on 138 outputs); on 2 cores, 2 workers x 2 threads also ran 1.7x
+# slower. Set before anything imports torch or jax (conftest loads before test modules).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def pytest_addoption(parser):
