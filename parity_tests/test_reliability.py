@@ -113,8 +113,7 @@ def _parent_of_leaf(payload, row: Container):
     *parents, leaf = row.leaf.split("/")
     if row.format == "haiku":  # {module path: {name: array}}, under "params" when there is state
         return payload.get("params", payload)["/".join(parents)], leaf
-    tree = next(node for key in variant.source.container_keys if (node := _walk(payload, key.split("/"))))
-    return _walk(tree, parents), leaf
+    return _walk(checkpoint_io._subtree(payload, variant.source.container_keys), parents), leaf
 
 
 def _walk(node, parts):
@@ -132,7 +131,7 @@ def hostile_pickle(row, good, tmp, marker):
         return tmp / "checkpoint", UNREADABLE["flax"], pickle.dumps({"params": RunsCommand(marker)})
     payload = _read(good, row.format)
     mapping, _ = _parent_of_leaf(payload, row)
-    mapping["payload"] = RunsCommand(marker)  # among the weights: read whatever else is skipped
+    mapping["payload"] = RunsCommand(marker)  # among the weights, which the loader must read
     return _write(payload, tmp / good.name, row.format), HOSTILE, None
 
 

@@ -66,12 +66,13 @@ def test_results_file_written_once_under_xdist(tmp_path, stand_in_suite):
     out = tmp_path / "results.json"
     done = stand_in_suite(STAND_IN_SUITE, "-n", "2", "--results", str(out))
     assert done.returncode == 1, done.stdout[-2000:]  # v-d fails, and the run says so
-    rows = {r["variant"] or r["check"]: r for r in report.read_results(out)["rows"]}
+    doc = report.read_results(out)
+    rows = {r["variant"] or r["check"]: r for r in doc["rows"]}
     assert sorted(rows) == ["test_port_difference", "v-a", "v-b", "v-c", "v-d"]
     assert [rows[v]["status"] for v in ("v-a", "v-b", "v-c", "v-d")] == ["passed"] * 3 + ["failed"]
     assert rows["test_port_difference"]["status"] == "xfailed"
     assert [rows[v]["outputs"][0]["max_abs"] for v in ("v-a", "v-b", "v-c", "v-d")] == [0.0, 1e-7, 2e-6, 3e-3]
-    assert report.read_results(out)["versions"]["torch"].startswith("2.13.0")
+    assert doc["versions"]["torch"].startswith("2.13.0")
     assert not list(tmp_path.glob(".results.json.*")), "temporary results file left behind"
 
 
