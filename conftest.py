@@ -76,7 +76,7 @@ def offline_hub_cache(tmp_path, monkeypatch):
     stores a file in it exactly where hf_hub_download looks (refs/main -> snapshot)."""
     import huggingface_hub.constants as hc
 
-    from converters.checkpoint_io import parse_hub_url
+    from converters.downloads import parse_hub_url
 
     root = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(root))

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from . import checkpoint_io
+from . import errors
 from .registry import UnknownVariantError, all_variants, family_module, get_variant
 
 
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except (FileNotFoundError, checkpoint_io.CheckpointError, checkpoint_io.DownloadError,
-            checkpoint_io.OutputExistsError) as err:
+    except (FileNotFoundError, errors.CheckpointError, errors.DownloadError,
+            errors.OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

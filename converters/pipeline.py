@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from . import checkpoint_io
+from . import downloads, errors, flax_files, haiku_files, output_dir, state_dicts, torch_files
 from .registry import Variant, family_module
 
 log = logging.getLogger("convert_parity")
@@ -23,13 +23,13 @@ def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
     Haiku trees flattened with "/" (Haiku state entries under "state/")."""
     source = variant.source
     if source.container == "torch":
-        checkpoint = checkpoint_io.load_torch_checkpoint(path)
-        return checkpoint_io.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+        checkpoint = torch_files.load_torch_checkpoint(path)
+        return state_dicts.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
     if source.container == "flax_msgpack":
-        return checkpoint_io.load_flax_msgpack(path, source.container_keys)
+        return flax_files.load_flax_msgpack(path, source.container_keys)
     if source.container == "haiku_pickle":
-        return checkpoint_io.load_haiku_pickle(path)
-    raise checkpoint_io.CheckpointError(f"{variant.family}: unknown container type {source.container!r}")
+        return haiku_files.load_haiku_pickle(path)
+    raise errors.CheckpointError(f"{variant.family}: unknown container type {source.container!r}")
 
 
 def hf_model_class(variant: Variant):
@@ -66,7 +66,7 @@ def check_against_model(variant: Variant, converted: Mapping, config) -> None:
                  if got[k] != expected[k]]:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong[:10]))
     if problems:
-        raise checkpoint_io.CheckpointError(f"the checkpoint does not fit {variant.name}: " + "; ".join(problems))
+        raise errors.CheckpointError(f"the checkpoint does not fit {variant.name}: " + "; ".join(problems))
 
 
 def spec_of(variant: Variant) -> dict:
@@ -79,8 +79,8 @@ def load_label_names(variant: Variant) -> dict[int, str] | None:
     if not label_file:
         return None
     try:
-        path = checkpoint_io.fetch(f"hf://datasets/huggingface/label-files/{label_file}")
-    except checkpoint_io.DownloadError as err:
+        path = downloads.fetch(f"hf://datasets/huggingface/label-files/{label_file}")
+    except errors.DownloadError as err:
         log.warning("label names unavailable, writing LABEL_i: %s", err)
         return None
     return {int(k): v for k, v in json.loads(Path(path).read_text()).items()}
@@ -91,20 +91,20 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
-    out = checkpoint_io.check_output_dir(out_dir, overwrite)  # before any slow work
+    out = output_dir.check_output_dir(out_dir, overwrite)  # before any slow work
     t0 = time.perf_counter()
     progress(f"[1/4] fetching {checkpoint}")
-    path = checkpoint_io.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
+    path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
     progress(f"[2/4] loading {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     original = load_original_state_dict(path, variant)
     progress(f"[3/4] converting {len(original)} tensors")
     try:
         converted = family.convert(original, spec)
     except KeyError as err:  # a rename table meeting a key it has no rule for
-        raise checkpoint_io.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
+        raise errors.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
     config = family.hf_config(spec, load_label_names(variant))
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
-    checkpoint_io.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
+    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
     return out

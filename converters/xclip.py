@@ -186,7 +186,7 @@ def hf_processor(spec: Mapping, tokenizer=None):
     from transformers import XCLIPProcessor
 
     if tokenizer is None:
-        from .checkpoint_io import is_offline
+        from .downloads import is_offline
 
         try:
             from transformers import CLIPTokenizer

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from converters import checkpoint_io, pipeline
+from converters import output_dir, pipeline
 from converters.registry import family_module
 from fixtures import golden, harness
 
@@ -43,7 +43,7 @@ def _converted_dir(c: harness.Case) -> Path:
     out = c.workdir / "converted"
     if not out.exists():
         family = family_module(c.variant.family)
-        checkpoint_io.save_converted(c.converted, c.hf_config(), out, processor=family.hf_processor(c.spec))
+        output_dir.save_converted(c.converted, c.hf_config(), out, processor=family.hf_processor(c.spec))
     return out
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from converters import checkpoint_io, perceiver, pipeline
+from converters import errors, perceiver, pipeline
 from converters.registry import get_variant
 from fixtures import harness
 from fixtures import parity_perceiver as pp
@@ -287,7 +287,7 @@ def test_hostile_haiku_pickle_is_refused_by_name(payload_at, tmp_path):
     variant = get_variant("language-perceiver")
     path = tmp_path / variant.source.filename
     marker = _hostile(path, payload_at)
-    with pytest.raises(checkpoint_io.CheckpointError, match=r"refusing to unpickle (posix|os|nt)\.system"):
+    with pytest.raises(errors.CheckpointError, match=r"refusing to unpickle (posix|os|nt)\.system"):
         pipeline.load_original_state_dict(path, variant)
     assert not marker.exists(), "the payload ran"
 
@@ -300,7 +300,7 @@ def test_non_container_haiku_global_is_refused(tmp_path):
     path = tmp_path / "params.pickle"
     evil = type("Evil", (), {"__reduce__": lambda self: (data_structures.to_haiku_dict, ({},))})
     path.write_bytes(pickle.dumps({"embed": {"embeddings": evil()}}, protocol=4))
-    with pytest.raises(checkpoint_io.CheckpointError, match="haiku._src.data_structures.to_haiku_dict"):
+    with pytest.raises(errors.CheckpointError, match="haiku._src.data_structures.to_haiku_dict"):
         pipeline.load_original_state_dict(path, get_variant("language-perceiver"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters import checkpoint_io, pipeline
+from converters import downloads, errors, pipeline
 from converters.registry import PublishedValues, family_module
 from fixtures import harness
 
@@ -25,10 +25,10 @@ def check_published(variant, allow_downloads, workdir, monkeypatch, record=lambd
         monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
-        files = [checkpoint_io.fetch(f, progress=False) for f in variant.inputs.files]
-        checkpoint = checkpoint_io.fetch(variant.source.url, filename=variant.source.filename,
+        files = [downloads.fetch(f, progress=False) for f in variant.inputs.files]
+        checkpoint = downloads.fetch(variant.source.url, filename=variant.source.filename,
                                          sha256=variant.source.sha256)
-    except checkpoint_io.DownloadError as err:
+    except errors.DownloadError as err:
         how = "" if allow_downloads else " (cache only; pass --real-checkpoints to download)"
         pytest.skip(f"real checkpoint tier unavailable{how}: {err}")
     out = pipeline.convert_file(variant, str(checkpoint), workdir / "hf", progress=lambda _: None)
@@ -65,13 +65,13 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
     np.save(buffer, video)
     for url in variant.inputs.files:
         offline_hub_cache(url, buffer.getvalue())
-    cached = checkpoint_io.cache_path_for(variant.source.url, variant.source.filename)
+    cached = downloads.cache_path_for(variant.source.url, variant.source.filename)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(c.checkpoint.read_bytes())
 
     family = family_module(variant.family)
     tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
-    hf_input = family.real_input(tiny, [checkpoint_io.fetch(f) for f in variant.inputs.files])
+    hf_input = family.real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
     reference = c.adapter.reference_outputs(c.adapter.build(c.spec, harness.SEED),
                                             hf_input["pixel_values"].transpose(1, 2))
     expected = [PublishedValues(p.output, tuple(harness.select(reference, p.output).flatten().tolist()), 1e-4)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters import checkpoint_io, cli, pipeline
+from converters import array_trees, downloads, output_dir, cli, pipeline
 from converters.registry import FAMILY_MODULES, get_variant
 from fixtures import harness
 
@@ -113,7 +113,7 @@ def _parent_of_leaf(payload, row: Container):
     *parents, leaf = row.leaf.split("/")
     if row.format == "haiku":  # {module path: {name: array}}, under "params" when there is state
         return payload.get("params", payload)["/".join(parents)], leaf
-    return _walk(checkpoint_io._subtree(payload, variant.source.container_keys), parents), leaf
+    return _walk(array_trees.subtree(payload, variant.source.container_keys), parents), leaf
 
 
 def _walk(node, parts):
@@ -249,12 +249,12 @@ def test_cache_entry_with_wrong_hash_is_refused(container, tiny_cli, tmp_path, c
     row = CONTAINERS[container]
     good = harness.case(row.variant).checkpoint
     url = f"https://example.invalid/{good.name}"
-    entry = checkpoint_io.cache_path_for(url, get_variant(row.variant).source.filename or None)
+    entry = downloads.cache_path_for(url, get_variant(row.variant).source.filename or None)
     entry.parent.mkdir(parents=True)
     data = bytearray(good.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte changed on disk
     entry.write_bytes(bytes(data))
-    entry.with_name(entry.name + ".sha256").write_text(f"{checkpoint_io.sha256_file(good)}  {entry.name}\n")
+    entry.with_name(entry.name + ".sha256").write_text(f"{downloads.sha256_file(good)}  {entry.name}\n")
     code, err, _ = tiny_cli(capsys, row, "--checkpoint", url, "--out", str(tmp_path / "hf"))
     assert code == 1 and f"cached file {entry} for {url} has sha256" in err and "expected" in err, err
     assert not (tmp_path / "hf").exists()
@@ -318,7 +318,7 @@ def test_signal_during_the_write_leaves_no_output(sig, existing, tiny_cli, tmp_p
     if existing:
         out.mkdir(parents=True)
         (out / "mine.txt").write_text("keep")
-    real_write, on_disk = checkpoint_io.write_safetensors, []
+    real_write, on_disk = output_dir.write_safetensors, []
 
     def write_then_signal(tensors, path, metadata=None):
         real_write(dict(list(tensors.items())[: len(tensors) // 2]), path, metadata)
@@ -326,7 +326,7 @@ def test_signal_during_the_write_leaves_no_output(sig, existing, tiny_cli, tmp_p
         os.kill(os.getpid(), sig)
         raise AssertionError("the signal did not interrupt the write")
 
-    monkeypatch.setattr(checkpoint_io, "write_safetensors", write_then_signal)
+    monkeypatch.setattr(output_dir, "write_safetensors", write_then_signal)
     argv = ["--checkpoint", str(harness.case(row.variant).checkpoint), "--out", str(out)]
     if sig == signal.SIGTERM:
         with pytest.raises(SystemExit) as exit_info:
@@ -357,7 +357,7 @@ def test_signal_during_a_download_leaves_no_cache_entry(sig, tiny_cli, tmp_path,
         os.kill(os.getpid(), sig)
         raise AssertionError("the signal did not interrupt the download")
 
-    monkeypatch.setattr(checkpoint_io, "_stream_url", half_then_signal)
+    monkeypatch.setattr(downloads, "_stream_url", half_then_signal)
     argv = ["--checkpoint", f"https://example.invalid/{good.name}", "--out", str(tmp_path / "hf")]
     if sig == signal.SIGTERM:
         with pytest.raises(SystemExit):

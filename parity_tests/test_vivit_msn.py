@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from converters import checkpoint_io, pipeline, vit_msn, vivit
+from converters import downloads, state_dicts, torch_files, pipeline, vit_msn, vivit
 from converters.registry import PublishedValues, get_variant
 from converters.rename import RenameError
 from fixtures import harness
@@ -145,7 +145,7 @@ def test_msn_projection_head_is_dropped_on_purpose(name):
 
 
 def _load_entry(c: harness.Case, entry: str):
-    return checkpoint_io.find_state_dict(checkpoint_io.load_torch_checkpoint(c.checkpoint), (entry,), "module.")
+    return state_dicts.find_state_dict(torch_files.load_torch_checkpoint(c.checkpoint), (entry,), "module.")
 
 
 @pytest.mark.parametrize("name", grouped(*MSN[:2]))
@@ -186,7 +186,7 @@ def _cache_file(url: str, data: bytes, put_hub):
     if url.startswith("hf://"):
         put_hub(url, data)
     else:
-        path = checkpoint_io.cache_path_for(url)
+        path = downloads.cache_path_for(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
@@ -197,7 +197,7 @@ def _offline_caches(tmp_path, monkeypatch):
 
 def _tiny_variant(tiny, c: harness.Case, published, tmp_path):
     """`tiny` with its published values, the tiny checkpoint cached under the real URL."""
-    checkpoint = checkpoint_io.cache_path_for(c.variant.source.url, c.variant.source.filename)
+    checkpoint = downloads.cache_path_for(c.variant.source.url, c.variant.source.filename)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_bytes(c.checkpoint.read_bytes())
     return dataclasses.replace(tiny, published=tuple(published))
@@ -212,7 +212,7 @@ def _vivit_tier_case(tmp_path, monkeypatch, put_hub):
     buffer = io.BytesIO()
     np.save(buffer, video)
     _cache_file(c.variant.inputs.files[0], buffer.getvalue(), put_hub)
-    files = [checkpoint_io.fetch(f, progress=False) for f in c.variant.inputs.files]
+    files = [downloads.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec, inputs=dataclasses.replace(
         c.variant.inputs, params={**c.variant.inputs.params, "frames": c.spec["num_frames"]}))
     reference = c.adapter.build(c.spec, harness.SEED)
@@ -258,7 +258,7 @@ def test_msn_tier_runs_end_to_end_from_caches(name, tmp_path, monkeypatch, offli
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
     _cache_file(c.variant.inputs.files[0], buffer.getvalue(), offline_hub_cache)
-    files = [checkpoint_io.fetch(f, progress=False) for f in c.variant.inputs.files]
+    files = [downloads.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec)
     pixels = vit_msn.real_input(tiny, files)["pixel_values"]
     tokens = harness.adapter("vit_msn").build(c.spec, harness.SEED).forward_tokens(pixels).detach()
