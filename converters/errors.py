@@ -1,5 +1,7 @@
-"""The errors every loader and writer raises: one line each, shown as `error: ...`."""
+"""The errors every loader and writer raises (one line each, shown as `error: ...`),
+and how text taken from a file is shown in them."""
 from __future__ import annotations
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with what was found instead."""
@@ -11,3 +13,18 @@ class DownloadError(RuntimeError):
 
 class OutputExistsError(FileExistsError):
     pass
+
+
+class OutputPathError(ValueError):
+    """An --out that would put the user's other files at risk, or cannot be written."""
+
+
+def shown(text: object, limit: int = 200) -> str:
+    """`text` as it may appear in a message: anything taken from a file (a pickled
+    global's name, a key, a dtype) could carry terminal escape sequences that erase
+    the error line and print another. Every non-printable character is escaped the
+    way repr() does, and long names are cut."""
+    s = str(text)
+    if len(s) > limit:
+        s = s[:limit] + f"...({len(s) - limit} more characters)"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
