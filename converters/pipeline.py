@@ -106,5 +106,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
     output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
+    for warning in getattr(family, "user_warnings", lambda v: ())(variant):  # port differences users must handle
+        log.warning("%s: %s", variant.name, warning)
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
     return out
