@@ -187,10 +187,11 @@ def tiny_cli(monkeypatch, tmp_path):
 
     def run(capsys, row: Container, *argv):
         monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
             code = cli.main(["convert", row.variant, *argv])
-        return code, capsys.readouterr().err, [str(w.message) for w in caught]
+        err = capsys.readouterr().err  # the CLI prints each warning as one `warning:` line
+        return code, err, [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
 
     return run
 
