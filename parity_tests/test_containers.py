@@ -74,7 +74,8 @@ def test_pickled_globals_reads_memoized_names():
 
 # ---- the containers, as the original save code writes them -------------------------------------
 # torch.save's default pickle_protocol is 2 (torch/serialization.py DEFAULT_PROTOCOL = 2,
-# torch 2.13.0), so builtins are named as Python 2 spelled them: __builtin__.set.
+# torch 2.13.0), so builtins are named as Python 2 spelled them: __builtin__.set. Every
+# original trained on GPUs and saved without moving to the CPU (fixtures/gpu_saved.py).
 TORCH_TENSORS = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
 
 TORCH_CONTAINERS = {
@@ -123,9 +124,12 @@ def test_torch_container_as_the_original_saves_it(name, container):
     data = pickle_bytes(path)
     assert pickle_protocol(data) == 2
     assert pickled_globals(data) == expected_globals
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: a plain load is safe
+    locations = []
+    saved = torch.load(path, map_location=lambda storage, location: locations.append(location) or storage,
+                       weights_only=False)  # our own file: a plain load is safe
     assert list(saved) == list(entries)
     assert {k: _type_name(v) for k, v in saved.items()} == entries
+    assert locations and set(locations) == {"cuda:0"}, "the originals save from the GPU"
 
 
 def test_xclip_config_is_xclips_cfgnode():
