@@ -210,10 +210,11 @@ def test_vivit_legacy_train_state_as_scenic_saves_it():
 
 
 # Haiku: a plain pickle.dump of what hk.transform(...).init returned (numpy arrays after
-# jax.device_get; a jax array pickles as its numpy value either way), wrapped as
+# jax.device_get; a 2021 jax DeviceArray pickled as its numpy value either way), wrapped as
 # {'params', 'state'} for the ImageNet models (perceiver/colabs/imagenet_classification.ipynb
-# reads ckpt['params'], ckpt['state']).
-NUMPY_ARRAYS = {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+# reads ckpt['params'], ckpt['state']). Written in 2021, by numpy 1.x: its array rebuilder
+# was numpy.core.multiarray._reconstruct.
+NUMPY_ARRAYS = {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
 HAIKU_CONTAINERS = {
     ("language-perceiver", "dict"): NUMPY_ARRAYS,
     ("language-perceiver", "flatmapping"): NUMPY_ARRAYS | {"haiku._src.data_structures.FlatMapping"},
