@@ -13,9 +13,14 @@ import torch
 from .errors import OutputExistsError, OutputPathError, shown
 
 
-# What a conversion writes. --overwrite replaces a directory only if it holds nothing
-# else: a previous output, never a folder of the user's files or checkpoints.
-OUTPUT_SUFFIXES = (".json", ".safetensors", ".txt", ".md")
+# What a conversion writes (transformers' save_pretrained names). --overwrite replaces a
+# directory only if it holds nothing else: a previous output, never a folder of the
+# user's files or checkpoints.
+OUTPUT_FILES = frozenset({
+    "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md", "parity.json",
+    "generation_config.json", "chat_template.jinja", "NO_TOKENIZER.txt"})
 
 
 def _os_error(what: str, path: Path, err: OSError) -> OutputPathError:
@@ -60,7 +65,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
     if entries and not overwrite:
         raise OutputExistsError(f"output directory {shown(out_dir)} exists and is not empty; "
                                 f"pass --overwrite to replace it")
-    foreign = sorted(p.name for p in entries if p.is_symlink() or not p.is_file() or p.suffix not in OUTPUT_SUFFIXES)
+    foreign = sorted(p.name for p in entries if p.is_symlink() or not p.is_file() or p.name not in OUTPUT_FILES)
     if foreign:
         raise OutputExistsError(f"output directory {shown(out_dir)} holds files a conversion does not write "
                                 f"({', '.join(shown(n) for n in foreign[:5])}); refusing to replace it, "

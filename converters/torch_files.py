@@ -98,45 +98,70 @@ def _stand_in(qualified_name: str, made: dict[int, InertRecord]) -> type:
 
 
 class NumpyDtype:
-    """A numpy dtype as the pickle describes it, validated: numpy pickles a dtype as
-    `numpy.dtype(name)` followed by BUILD with its byte order, and BUILD may act only on
-    types registered for the load, so this stands in for numpy's own class."""
+    """A numpy dtype as the pickle describes it: numpy pickles one as `numpy.dtype(name)`
+    followed by BUILD with its byte order, and BUILD may act only on types registered
+    for the load, so this stands in for numpy's own class. Only numeric dtypes are ever
+    decoded; any other (object, string) is kept as its name."""
 
     def __init__(self, name, align=False, copy=False):
         import numpy as np
 
-        if not (isinstance(name, str) and name[:1] in "fiub" and name[1:].isdigit()):
-            raise CheckpointError(f"numpy dtype {shown(name)!r} is not a numeric dtype")
-        self.dtype = np.dtype(name)
+        self.name = name
+        numeric = isinstance(name, str) and name[:1] in "fiub" and name[1:].isdigit() and name[1:] in "1248"
+        self.dtype = np.dtype(name) if numeric else None
 
     def __setstate__(self, state):
         if not (isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=")):
             raise CheckpointError("a numpy dtype in the file has a malformed state")
-        self.dtype = self.dtype.newbyteorder(state[1]) if state[1] in "<>" else self.dtype
+        if self.dtype is not None and state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
-def _numpy_scalar(dtype, data=b""):
-    """A numpy scalar (an epoch, a best accuracy) as a Python number, decoded from exactly
-    its dtype's bytes."""
+def _numpy_scalar(made: dict[int, InertRecord]):
+    """numpy scalars (an epoch, a best accuracy) as Python numbers, decoded from exactly
+    their dtype's bytes; a scalar of any other dtype stays an inert record."""
     import numpy as np
 
-    if not isinstance(dtype, NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
-        raise CheckpointError("a numpy scalar in the file does not match its dtype")
-    return np.frombuffer(data, dtype.dtype)[0].item()
+    def scalar(dtype, data=b""):
+        if not isinstance(dtype, NumpyDtype):
+            raise CheckpointError("a numpy scalar in the file has no dtype")
+        if dtype.dtype is None:
+            return _stand_in(f"numpy scalar of dtype {dtype.name}", made)()
+        if not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+            raise CheckpointError("a numpy scalar in the file does not match its dtype")
+        return np.frombuffer(data, dtype.dtype)[0].item()
+
+    return scalar
+
+
+def _inert_array(qualified_name: str, made: dict[int, InertRecord]) -> type:
+    """numpy arrays stay inert (no weight of these families is stored as one), so no
+    array of a declared size is ever allocated: the stand-in takes the BUILD state numpy
+    pickles (a tuple holding shape, dtype and data) and keeps none of it."""
+
+    class InertArray:
+        def __init__(self, *args, **kwargs):
+            made[id(self)] = InertRecord(qualified_name, ())
+
+        def __setstate__(self, state):
+            pass
+
+    return InertArray
 
 
 def _numpy_stand_ins(made: dict[int, InertRecord]) -> dict[str, Any]:
-    """numpy scalars decoded; numpy arrays inert (no weight of these families is stored
-    as one), so no array of a declared size is ever allocated."""
-    names: dict[str, Any] = {"numpy.dtype": NumpyDtype, "numpy.ndarray": _stand_in("numpy.ndarray", made)}
+    """numpy scalars decoded as numbers, numpy arrays inert."""
+    names: dict[str, Any] = {"numpy.dtype": NumpyDtype, "numpy.ndarray": _inert_array("numpy.ndarray", made)}
     for core in ("numpy.core", "numpy._core"):
-        names[f"{core}.multiarray.scalar"] = _numpy_scalar
+        names[f"{core}.multiarray.scalar"] = _numpy_scalar(made)
         for array_fn in ("multiarray._reconstruct", "numeric._frombuffer"):
-            names[f"{core}.{array_fn}"] = _stand_in(f"{core}.{array_fn}", made)
+            names[f"{core}.{array_fn}"] = _inert_array(f"{core}.{array_fn}", made)
     return names
 
 
 def _is_hostile(qualified: str) -> bool:
+    if not qualified.isprintable():
+        return True  # no Python name holds control characters; terminal escapes do
     module = qualified.rpartition(".")[0]
     if module.split(".")[0] in HOSTILE_MODULES and not (module == "builtins" and qualified[9:] in DATA_BUILTINS):
         return True
@@ -157,6 +182,9 @@ def _safe_globals_for(names: list[str], made: dict[int, InertRecord]) -> list[tu
             pairs.append((DATA_BUILTINS[name[9:]], name))
         else:
             pairs.append((numpy_names.get(name) or _stand_in(name, made), name))
+    # classes whose instances BUILD may act on (torch checks the type against these)
+    pairs += [(v, f"convert_parity.{v.__qualname__}.{i}") for i, v in enumerate(numpy_names.values())
+              if isinstance(v, type)]
     return pairs
 
 
@@ -220,9 +248,9 @@ def load_torch_checkpoint(path: str | os.PathLike, mmap: bool = True) -> Any:
         head = fh.read(512)
     fmt = _format_of(path, head)
     if fmt == "tar":
-        raise CheckpointError(f"{path} is a legacy tar checkpoint (torch < 0.4), which this tool does not read: "
-                              f"extracting it can create links and devices; re-save it as a state dict with a "
-                              f"current torch.save")
+        raise CheckpointError(f"{path} is a tar archive (torch's legacy tar format from before 0.4, or no "
+                              f"checkpoint at all), which this tool does not read: extracting one can create links "
+                              f"and devices; re-save the weights with a current torch.save(model.state_dict(), path)")
     if fmt == "unknown":
         raise CheckpointError(f"{path} is not a readable torch checkpoint (neither a torch zip archive nor a "
                               f"legacy torch file: starts with {shown(head[:8])})")
@@ -251,12 +279,12 @@ def load_torch_checkpoint(path: str | os.PathLike, mmap: bool = True) -> Any:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    # torch wraps unpickler errors in a long explanation; its own reason is the line
-    # after "WeightsUnpickler error:".
-    reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in text
-                   if "WeightsUnpickler error:" in line), text[0] if text else "")
-    return f"{type(err).__name__}: {shown(reason)}"
+    text = str(err)
+    # torch wraps its unpickler's reason in a long explanation (and a suggestion to
+    # load with weights_only=False, which is exactly what must not be done here).
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+    return f"{type(err).__name__}: {shown(' '.join(text.split()))}"
 
 
 # ---- the legacy (non-zip) format ------------------------------------------------------
@@ -293,9 +321,13 @@ def _load_legacy(path: Path, size: int, made: dict[int, InertRecord]) -> Any:
 
     with open(path, "rb") as fh:
         def next_pickle():
+            start = fh.tell()
+            names = [n for n in weights_only.get_globals_in_pkl(fh) if n not in weights_only._get_allowed_globals()]
+            fh.seek(start)
             unpickler = weights_only.Unpickler(fh, encoding="utf-8")
             unpickler.persistent_load = persistent_load
-            return unpickler.load()
+            with torch.serialization.safe_globals(_safe_globals_for(names, made)):
+                return unpickler.load()
 
         if next_pickle() != _LEGACY_MAGIC:
             raise CheckpointError(f"{path} is not a readable torch checkpoint (a pickle, but not torch.save's)")
