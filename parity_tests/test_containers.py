@@ -95,7 +95,7 @@ TORCH_CONTAINERS = {
         {"model": OrderedDict, "optimizer": dict, "lr_scheduler": dict, "max_accuracy": float, "epoch": int,
          "config": "yacs.config.CfgNode"},
         TORCH_TENSORS | {"yacs.config.CfgNode", "__builtin__.set"}),
-    # facebookresearch/msn src/msn_train.py save_checkpoint lines 356-367: both encoders through
+    # facebookresearch/msn src/msn_train.py save_checkpoint lines 284-295: both encoders through
     # DistributedDataParallel (module. prefix; batch-norm counters are int64), torch AdamW,
     # prototypes.data (a plain tensor), and plain numbers.
     ("vit-msn-small", "msn_train"): (
