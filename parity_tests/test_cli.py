@@ -49,7 +49,7 @@ def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     spec = dict(get_variant("timesformer-base-finetuned-k400").config)
     model = timesformer_original.TimeSformer(**timesformer_original.constructor_args(spec))
     path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
-    timesformer_original.save_checkpoint(model, path)
+    timesformer_original.save_checkpoint(model, path, spec=spec, training_state=False)
     code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
                        "--out", str(tmp_path / "hf"), "--verify")
     assert code == 0, err

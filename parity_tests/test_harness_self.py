@@ -32,7 +32,7 @@ MUTATIONS = {
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_broken_conversion_fails_parity(mutation):
     c = harness.case("timesformer-base-finetuned-k400")
-    original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint)["model_state"].items()}
+    original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint, map_location="cpu")["model_state"].items()}
     model = type(c.hf_model())(c.hf_config()).eval()
     model.load_state_dict(MUTATIONS[mutation](original))
     diffs = harness.compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)

@@ -84,7 +84,7 @@ class TrainingConfig(dict):
 
 def _read(path: Path, fmt: str):
     if fmt == "torch":
-        return torch.load(path, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)  # saved from cuda:0
     if fmt == "flax":
         import flax.serialization
 

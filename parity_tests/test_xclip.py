@@ -133,8 +133,10 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     hparams = parity_xclip.hparams(variant.config)
     path = tmp_path / "k400_32_8.pth"
     xclip_original.save_checkpoint(xclip_original.build_reference(hparams, 0), path, training_state=False)
-    with pytest.warns(UserWarning, match=r"inert data: config \(fixtures.xclip_original.TrainingConfig\)"):
-        code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
+    code = cli.main(["convert", variant.name, "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"])
     err = capsys.readouterr().err
     assert code == 0, err
+    # the training config X-CLIP pickles, a yacs CfgNode, is named and never built
+    assert "warning: k400_32_8.pth: skipped pickled object(s) that are not tensors, kept as inert data: " \
+           "config (yacs.config.CfgNode)" in err, err
     assert "verified" in err and "logits_per_video': (1, 2)" in err
