@@ -17,6 +17,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -102,8 +103,11 @@ def probe(url: str, timeout: float) -> str | None:
             outcome.append(None)
         except urllib.error.HTTPError:  # an answer, even 4xx/5xx: the host is reachable
             outcome.append(None)
-        except Exception as err:  # noqa: BLE001 -- every failure means "not reachable"
+        except Exception as err:  # noqa: BLE001 -- every other failure means "not reachable"
             reason = getattr(err, "reason", err)
+            if isinstance(reason, ssl.SSLError):  # a TLS handshake is an answer: the host is there, and
+                outcome.append(None)  # huggingface_hub may trust a CA bundle that urllib does not
+                return
             outcome.append(f"timed out after {timeout:g} s" if isinstance(reason, TimeoutError)
                            else f"{type(reason).__name__}: {reason}")
 

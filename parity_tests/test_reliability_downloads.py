@@ -150,3 +150,16 @@ def test_offline_flag_refuses_an_uncached_download(online, tmp_path, capsys):
                           "--offline")
     assert code == 1 and "offline and not cached: http://127.0.0.1:9/model.pyth" in _one_error(err), err
     assert _cache_entries(tmp_path) == [] and not (tmp_path / "hf").exists()
+
+
+def test_a_local_path_is_never_removed(online, tmp_path, capsys):
+    """The same unloadable bytes given as a local path (even one inside the cache): the error
+    is the loader's alone and the file stays where the user put it."""
+    row = CONTAINERS["torch-pyth"]
+    good = harness.case(row.variant).checkpoint
+    local = downloads.cache_path_for("http://127.0.0.1:9/model", good.name)
+    local.parent.mkdir(parents=True)
+    local.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, err, _ = online(capsys, row, "--checkpoint", str(local), "--out", str(tmp_path / "hf"))
+    assert code == 1 and UNREADABLE["torch"] in _one_error(err) and "removed" not in err, err
+    assert local.exists()
