@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DownloadError, shown
+from .input_files import check_input_file
 
 log = logging.getLogger("convert_parity")
 
@@ -508,8 +509,7 @@ def fetch(location: str | os.PathLike, *, filename: str | None = None, sha256: s
     location = str(location)
     if not is_url(location):
         path = Path(location).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+        check_input_file(path)
         return path
 
     hub = parse_hub_url(location)
