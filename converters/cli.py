@@ -45,13 +45,16 @@ def cmd_list(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from . import pipeline
+    import contextlib
+
+    from . import downloads, pipeline
 
     variant = get_variant(args.variant)
     if not hasattr(family_module(variant.family), "convert"):
         raise SystemExit(f"error: {variant.family} has no converter yet (variant {variant.name} is registry data only)")
-    out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
-                                progress=lambda msg: print(msg, file=sys.stderr))
+    with downloads.forced_offline("--offline") if args.offline else contextlib.nullcontext():
+        out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
+                                    progress=lambda msg: print(msg, file=sys.stderr))
     if args.verify:
         _verify(variant, out)
     return 0
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--verify", action="store_true", help="load the result with from_pretrained and run it")
+    p.add_argument("--offline", action="store_true",
+                   help="use cached files only: no download, no probe of the hub (label names, tokenizers)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("matrix", help="run the offline parity matrix and print a summary table")
     p.add_argument("-k", action="append", help="only variants whose name contains this (repeatable)")

@@ -76,16 +76,30 @@ def spec_of(variant: Variant) -> dict:
 
 
 def load_label_names(variant: Variant) -> dict[int, str] | None:
-    """id2label from the hub's label-files repo, if it can be had (cached or online)."""
+    """id2label from the hub's label-files repo, if it can be had (cached, or online
+    when the hub answers); else None, with one warning saying why: the config then
+    carries LABEL_i."""
     label_file = variant.config.get("label_file")
     if not label_file:
         return None
     try:
         path = downloads.fetch(f"hf://datasets/huggingface/label-files/{label_file}")
     except errors.DownloadError as err:
-        log.warning("label names unavailable, writing LABEL_i: %s", err)
+        log.warning("label names not available (%s): writing LABEL_i", err)
         return None
     return {int(k): v for k, v in json.loads(Path(path).read_text()).items()}
+
+
+def load_cached_checkpoint(path: Path, variant: Variant, from_cache: bool) -> dict[str, torch.Tensor]:
+    """load_original_state_dict; a download cache entry that fails to load is removed, so
+    that no later run reuses it, and the error says so (still one line)."""
+    try:
+        return load_original_state_dict(path, variant)
+    except errors.CheckpointError as err:
+        removed = downloads.discard_cached(path) if from_cache else None
+        if removed is None:
+            raise
+        raise errors.CheckpointError(f"{err}; removed the cached copy {removed}, it will be downloaded again") from err
 
 
 def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | None = None,
@@ -93,23 +107,26 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
-    local = () if "://" in str(checkpoint) else (checkpoint,)
+    local = () if downloads.is_url(checkpoint) else (checkpoint,)
     out = output_dir.check_output_dir(out_dir, overwrite, protected=local)  # before any slow work
     t0 = time.perf_counter()
     progress(f"[1/4] fetching {shown(checkpoint)}")
-    path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
+    path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256,
+                           container=variant.source.container)
     output_dir.check_output_dir(out, overwrite, protected=(path,))  # a download's cache entry counts too
     progress(f"[2/4] loading {shown(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
-    original = load_original_state_dict(path, variant)
+    original = load_cached_checkpoint(path, variant, from_cache=downloads.is_url(checkpoint))
     progress(f"[3/4] converting {len(original)} tensors")
     try:
         converted = family.convert(original, spec)
     except KeyError as err:  # a rename table meeting a key it has no rule for
         raise errors.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
-    config = family.hf_config(spec, load_label_names(variant))
+    labels = load_label_names(variant)
+    config = family.hf_config(spec, labels)
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
     output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite,
                                protected=(path,))
-    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
+    unnamed = "; label names not available, the config has LABEL_i" if variant.config.get("label_file") and not labels else ""
+    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}{unnamed}")
     return out
