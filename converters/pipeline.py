@@ -13,7 +13,7 @@ import torch
 
 from . import downloads, errors, flax_files, haiku_files, output_dir, state_dicts, torch_files
 from .errors import shown
-from .registry import Variant, family_module
+from .registry import Variant, family_module, hub_config_values
 
 log = logging.getLogger("convert_parity")
 
@@ -103,10 +103,14 @@ def load_cached_checkpoint(path: Path, variant: Variant, from_cache: bool) -> di
 
 
 def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | None = None,
-                 overwrite: bool = False, progress=print) -> Path:
-    """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
+                 overwrite: bool = False, hub_config: bool = False, progress=print) -> Path:
+    """Convert one original checkpoint file (or URL) to a `from_pretrained` directory.
+    hub_config: write the published hub config's values where they differ from the
+    original's computation (registry.hub_config_values), not the original's."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
+    if hub_config:
+        spec.update(hub_config_values(variant))
     local = () if downloads.is_url(checkpoint) else (checkpoint,)
     out = output_dir.check_output_dir(out_dir, overwrite, protected=local)  # before any slow work
     t0 = time.perf_counter()
