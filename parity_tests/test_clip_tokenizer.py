@@ -77,8 +77,9 @@ def _clip_wheel() -> Path:
             run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                                   "-q", f"{name}=={version}", "-d", tmp], capture_output=True, text=True, timeout=300)
             if run.returncode != 0 or not (Path(tmp) / filename).exists():
+                said = (run.stderr.strip().splitlines() or ["no message"])[-1][-300:]
                 pytest.skip(f"openai/CLIP's tokenizer unavailable: `pip download --no-deps {name}=={version}` failed "
-                            f"({run.stderr.strip()[-300:]}); put {filename} in {cached.parent} to run these tests")
+                            f"({said}); put {filename} in {cached.parent} to run these tests")
             os.replace(Path(tmp) / filename, cached)
     got = downloads.sha256_file(cached)
     if got != sha256:
@@ -168,15 +169,24 @@ def test_tokenizer_settings(converter_tokenizer):
     assert t("PLAYING Sports")["input_ids"] == t("playing sports")["input_ids"]  # lower-cased
 
 
-def test_check_refuses_a_tokenizer_that_is_not_clips(tmp_path):
-    """transformers 5.x builds a CLIPTokenizer without files (what from_pretrained offline
-    returned, issue 13): 2 ids. CLIP's 49408 ids without the merges read words as letters."""
-    with pytest.raises(clip_tokenizer.VocabularyError, match=r"has 2 ids, CLIP's vocabulary has 49408"):
-        clip_tokenizer.check_tokenizer(transformers.CLIPTokenizer())
+def test_check_refuses_a_tokenizer_that_is_not_clips():
+    """Too few ids, or CLIP's 49408 ids without the merges (words read as letters)."""
+    three = clip_tokenizer.tokenizer_from_files({"vocab.json": json.dumps({BOS: 0, EOS: 1, "a": 2}),
+                                                 "merges.txt": "#version: 0.2\n"})
+    with pytest.raises(clip_tokenizer.VocabularyError, match=r"has 3 ids, CLIP's vocabulary has 49408"):
+        clip_tokenizer.check_tokenizer(three)
     vocab = clip_tokenizer.vocabulary(clip_tokenizer.read_merges())
     no_merges = clip_tokenizer.tokenizer_from_files({"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"})
     with pytest.raises(clip_tokenizer.VocabularyError, match=r"reads 'playing sports' as \['<\|startoftext\|>', 'p'"):
         clip_tokenizer.check_tokenizer(no_merges)
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="5.x builds a CLIPTokenizer without files")
+def test_check_refuses_the_tokenizer_from_pretrained_gave_offline():
+    """transformers 5.23's CLIPTokenizer.from_pretrained(hub id, local_files_only=True) with
+    nothing cached returned a tokenizer built without files (issue 13): 2 ids."""
+    with pytest.raises(clip_tokenizer.VocabularyError, match=r"has 2 ids, CLIP's vocabulary has 49408"):
+        clip_tokenizer.check_tokenizer(transformers.CLIPTokenizer())
 
 
 @pytest.mark.parametrize("damage", ["missing", "one-byte-changed", "not-gzip"])
