@@ -169,9 +169,11 @@ def record_diffs(request):
     """Call with a list of fixtures.harness.Diff to put them in the results file."""
     def record(diffs):
         for d in diffs:
+            finite = d.nonfinite == 0  # JSON has no inf: a non-finite output is recorded as None and counted
             request.node.user_properties.append(("parity", {
-                "output": d.key, "max_abs": d.max_abs, "max_rel": d.max_rel, "index": list(d.index),
-                "atol": d.atol, "rtol": d.rtol, "mismatched": d.mismatched, "total": d.total}))
+                "output": d.key, "max_abs": d.max_abs if finite else None, "max_rel": d.max_rel if finite else None,
+                "index": list(d.index), "atol": d.atol, "rtol": d.rtol, "mismatched": d.mismatched,
+                "total": d.total, "nonfinite": d.nonfinite}))
     return record
 
 

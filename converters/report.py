@@ -72,13 +72,18 @@ def load_runs(paths: Iterable[Path]) -> list[tuple[str, dict]]:
     return [(f"transformers {v}", by_version[v]) for v in sorted(by_version, key=_version_key)]
 
 
+def _max_abs(output: Mapping) -> float:
+    """An output with NaN or inf values (recorded as `nonfinite`, max_abs None) is infinitely far off."""
+    return math.inf if output.get("nonfinite") else output["max_abs"]
+
+
 def _worst(row: Mapping) -> float | None:
-    values = [o["max_abs"] for o in row.get("outputs", [])]
+    values = [_max_abs(o) for o in row.get("outputs", [])]
     return max(values) if values else None
 
 
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
+    return "-" if x is None else "non-finite" if math.isinf(x) else f"{x:.3g}"
 
 
 def drift(base: Mapping, other: Mapping) -> list[dict]:
@@ -90,8 +95,8 @@ def drift(base: Mapping, other: Mapping) -> list[dict]:
     rows = []
     for key in sorted(set(a) | set(b)):
         (oa, sa), (ob, sb) = a.get(key, (None, None)), b.get(key, (None, None))
-        va, vb = (oa or {}).get("max_abs"), (ob or {}).get("max_abs")
-        change = abs(vb - va) if va is not None and vb is not None else math.inf
+        va, vb = (_max_abs(oa) if oa else None), (_max_abs(ob) if ob else None)
+        change = (0.0 if va == vb else abs(vb - va)) if va is not None and vb is not None else math.inf
         rows.append({"variant": key[0], "check": key[1], "output": key[2], "base": va, "other": vb,
                      "change": change, "base_status": sa, "other_status": sb})
     return sorted(rows, key=lambda r: (-r["change"], r["variant"], r["check"], r["output"]))
@@ -106,12 +111,13 @@ def _plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_pa
     variants = sorted({r["variant"] for _, doc in runs for r in doc["rows"] if r["check"] == check})
     if not variants:
         return
-    floor = 1e-12  # a log axis cannot show an exact 0
+    floor, ceiling = 1e-12, 1e3  # a log axis cannot show an exact 0, nor an infinite (non-finite) difference
     fig, ax = plt.subplots(figsize=(max(8, 0.38 * len(variants)), 5))
     x = range(len(variants))
     for i, (label, doc) in enumerate(runs):
         by_variant = {r["variant"]: r for r in doc["rows"] if r["check"] == check}
-        ys = [max(_worst(by_variant[v]) or 0.0, floor) if v in by_variant else float("nan") for v in variants]
+        ys = [min(max(_worst(by_variant[v]) or 0.0, floor), ceiling) if v in by_variant else float("nan")
+              for v in variants]
         ax.scatter([xi + 0.12 * (i - (len(runs) - 1) / 2) for xi in x], ys, label=label, s=22, zorder=3)
     tol = {r["variant"]: r["outputs"][0]["atol"] for _, doc in runs for r in doc["rows"]
            if r["check"] == check and r.get("outputs")}
@@ -119,7 +125,7 @@ def _plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_pa
             linestyle="--", label="tolerance (atol)")
     ax.set_yscale("log")
     ax.set_xticks(list(x), variants, rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel(f"max abs diff (0 drawn at {floor:g})")
+    ax.set_ylabel(f"max abs diff (0 drawn at {floor:g}, non-finite at {ceiling:g})")
     ax.set_title("Parity: tiny original reference vs converted HF model")
     ax.legend(fontsize=8)
     ax.grid(True, which="major", axis="y", alpha=0.3)
@@ -174,7 +180,8 @@ def build_report(result_paths: Iterable[str | os.PathLike], out_dir: str | os.Pa
     files = {"md": out / "report.md", "json": out / "report.json", "png": out / "parity.png"}
     files["md"].write_text("\n".join(lines) + "\n")
     files["json"].write_text(json.dumps({"runs": summary, "rows": {label: doc["rows"] for label, doc in runs},
-                                         "drift": [{**d, "change": None if math.isinf(d["change"]) else d["change"]}
+                                         "drift": [{**d, **{k: None if d[k] is not None and math.isinf(d[k])
+                                                            else d[k] for k in ("base", "other", "change")}}
                                                    for d in comparison]}, indent=1) + "\n")
     _plot(runs, files["png"])
     return files

@@ -31,6 +31,10 @@ _DATASETS = {  # name: (labels, hub label file)
     "k600": (600, "kinetics600-id2label.json"),
     "ssv2": (174, "something-something-v2-id2label.json"),
 }
+# SSv2 frames are JPEGs decoded by cv2 (BGR, timesformer/datasets/utils.py:36) and the vit arch skips the
+# configured channel reversal (ssv2.py:259 -> utils.py:84), so the SSv2 models were trained and tested on BGR.
+_SSV2_BGR = ("trained and tested on BGR frames (cv2 decoding; REVERSE_INPUT_CHANNEL is skipped for vit): reverse "
+             "the channels of RGB video before the processor (it cannot; parity_tests/test_processors.py measures it)")
 _DROPBOX = "https://www.dropbox.com/s/{}?dl=1"
 # Files listed in the original README (the upstream script names only base-k400's Drive copy).
 _URLS = {
@@ -91,7 +95,12 @@ def _variant(size: str, dataset: str) -> Variant:
             output="logits[0, :3]", values=values, atol=_PUBLISHED_ATOL,
             note="upstream conversion script" if values is not None
             else "nothing published: upstream asserts placeholder zeros [0, 0, 0]"),),
-        notes="original README: 64 frames; upstream converts it with 96, which cannot load" if (size, dataset) in _FRAMES_OVERRIDE else "",
+        notes="; ".join(filter(None, (
+            "original README: 64 frames; upstream converts it with 96, which cannot load"
+            if (size, dataset) in _FRAMES_OVERRIDE else "",
+            _SSV2_BGR if dataset == "ssv2" else "",
+            "the processor writes the original's normalisation (mean 0.45, std 0.225); the published values "
+            "came from mean=std=0.5 (the upstream script's input, kept for them)"))),
     )
 
 
@@ -114,13 +123,18 @@ def hf_config(spec: Mapping, id2label: Mapping[int, str] | None = None):
     )
 
 
-def hf_processor(spec: Mapping):
+# The original's test-time normalisation (timesformer/config/defaults.py:298, 304: DATA.MEAN 0.45,
+# DATA.STD 0.225); the upstream script's 0.5/0.5 is its reference-input recipe, used by real_input.
+IMAGE_MEAN, IMAGE_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
+
+
+def hf_processor(spec: Mapping, image_mean=IMAGE_MEAN, image_std=IMAGE_STD):
     try:
         from transformers import VideoMAEImageProcessorPil as Processor  # 5.x, no torchvision needed
     except ImportError:
         from transformers import VideoMAEImageProcessor as Processor  # 4.x: PIL/numpy already
     size = spec["image_size"]
-    return Processor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    return Processor(image_mean=list(image_mean), image_std=list(image_std),
                      size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -161,7 +175,8 @@ def real_input(variant: Variant, files) -> dict:
 
     params = variant.inputs.params
     frames = list(np.load(files[0])[: params["frames"]])
-    return dict(hf_processor({"image_size": params["image_size"]})(frames, return_tensors="pt"))
+    processor = hf_processor({"image_size": params["image_size"]}, (params["image_mean"],) * 3, (params["image_std"],) * 3)
+    return dict(processor(frames, return_tensors="pt"))
 
 
 def real_outputs(model, variant: Variant, files) -> dict:

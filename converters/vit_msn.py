@@ -58,6 +58,9 @@ def _variant(name: str) -> Variant:
     filename, width, patch, values = _MODELS[name]
     hidden, intermediate, layers, heads = _WIDTHS[width]
     notes = ["the projection head module.fc.{fc1,bn1,fc2,bn2,fc3} is dropped",
+             "the processor is the original's evaluation transform (short side 256, centre crop 224, "
+             "BitImageProcessor); the hub's ViTImageProcessor resizes to 224x224 without a crop (the upstream "
+             "script's recipe, kept for the published values)",
              "upstream sets num_labels 1000 and ImageNet labels although ViTMSNModel has no classifier"]
     if width == "l":
         notes.append("upstream also sets hidden_dropout_prob 0.1 (no effect at eval)")
@@ -111,14 +114,32 @@ def hf_config(spec: Mapping, id2label: Mapping[int, str] | None = None):
     )
 
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
 def hf_processor(spec: Mapping):
+    """The original's evaluation transform (msn linear_eval.py:124-130): the short side to 256 (for 224),
+    bilinear, centre crop 224, ImageNet mean/std. ViTImageProcessor cannot crop, so BitImageProcessor
+    (shortest edge, centre crop, the same normalisation) on both transformers lines."""
     try:
-        from transformers import ViTImageProcessorPil as Processor  # 5.x, no torchvision needed
+        from transformers import BitImageProcessorPil as Processor  # 5.x, no torchvision needed
     except ImportError:
-        from transformers import ViTImageProcessor as Processor  # 4.x: PIL/numpy already
+        from transformers import BitImageProcessor as Processor  # 4.x: PIL/numpy already
     size = spec["image_size"]
-    return Processor(size={"height": size, "width": size}, image_mean=[0.485, 0.456, 0.406],
-                     image_std=[0.229, 0.224, 0.225])
+    return Processor(size={"shortest_edge": round(size * 256 / 224)}, resample=2,  # PIL bilinear
+                     crop_size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+def recipe_processor(variant: Variant):
+    """The upstream script's reference-input recipe: ViTImageProcessor(size=224), a 224x224 resize without
+    a crop (the published values were computed on it)."""
+    try:
+        from transformers import ViTImageProcessorPil as Processor
+    except ImportError:
+        from transformers import ViTImageProcessor as Processor
+    size = variant.config["image_size"]  # the model's input size (224; the tiny models' own)
+    return Processor(size={"height": size, "width": size}, image_mean=list(variant.inputs.params["image_mean"]),
+                     image_std=list(variant.inputs.params["image_std"]))
 
 
 # ---- rename table ---------------------------------------------------------------------------
@@ -164,7 +185,7 @@ def real_input(variant: Variant, files) -> dict:
     from PIL import Image
 
     with Image.open(files[0]) as image:
-        return dict(hf_processor(variant.config)(image.convert("RGB"), return_tensors="pt"))
+        return dict(recipe_processor(variant)(image.convert("RGB"), return_tensors="pt"))
 
 
 def real_outputs(model, variant: Variant, files) -> dict:

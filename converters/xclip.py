@@ -26,6 +26,9 @@ MODEL_CLASS = "XCLIPModel"
 # 9.5e-7 over all 18 tiny variants (logits are cosines scaled by exp(logit_scale) ~ 14).
 TOLERANCE = dict(atol=1e-5, rtol=1e-4)
 HEAD_WIDTH = 64  # the original: heads = width // 64
+# img_norm_cfg of the original (datasets/build.py:34-35: mean [123.675, 116.28, 103.53], std [58.395, 57.12,
+# 57.375] on 0..255), which are ImageNet's
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Widths by size. The original sets every head count to width // 64 (openai/CLIP and
 # X-CLIP mit.py / prompt.py): text 512 -> 8, vision 768 -> 12, MIT and prompt generator
@@ -108,7 +111,8 @@ def _variant(key: str) -> Variant:
     patch = int(key.split("-patch")[1][:2])
     frames = 16 if "16-frames" in key else 32 if "shot" in key else 8
     image_size = 336 if key == "large-patch14-16-frames" else 224
-    notes = []
+    notes = ["the processor resizes the short side to int(256 / 224 * size) before the centre crop, as the "
+             "original's evaluation does; the upstream recipe (the published values) resized it to the model size"]
     if size == "large":
         notes.append(_LARGE_HEADS)
     if not isinstance(checkpoint, str):
@@ -173,13 +177,19 @@ def hf_config(spec: Mapping, id2label: Mapping[int, str] | None = None):
                        prompt_hidden_act="quick_gelu", prompt_alpha=0.1)
 
 
-def video_processor(image_size: int):
+def video_processor(image_size: int, shortest_edge: int | None = None):
+    """The original's evaluation preprocessing (VideoX X-CLIP datasets/build.py:34-35, 245, 289-290): the short
+    side to int(256 / 224 * size), the centre crop at the model size, ImageNet mean/std. The mean/std are
+    passed: VideoMAEImageProcessor's default is 0.5/0.5 today, while the VideoMAEFeatureExtractor of the
+    upstream conversion (Sep 2022) defaulted to ImageNet's. The upstream recipe resized the short side to
+    the model size (`shortest_edge`, real_input)."""
     try:
         from transformers import VideoMAEImageProcessorPil as Processor  # 5.x, no torchvision needed
     except ImportError:
         from transformers import VideoMAEImageProcessor as Processor
-    # ImageNet mean/std (the processor's default), shortest edge and centre crop at the model size.
-    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    edge = int(256 / 224 * image_size) if shortest_edge is None else shortest_edge
+    return Processor(size={"shortest_edge": edge}, crop_size={"height": image_size, "width": image_size},
+                     image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
 
 TOKENIZER_NOTE = "TOKENIZER_MISSING.md"
@@ -204,7 +214,7 @@ class VideoProcessorOnly:
             "tokenizer is built from its converters/data/bpe_simple_vocab_16e6.txt.gz) and convert again.\n")
 
 
-def hf_processor(spec: Mapping, tokenizer=None):
+def hf_processor(spec: Mapping, tokenizer=None, shortest_edge: int | None = None):
     """XCLIPProcessor: the video processor and CLIP's tokenizer, built offline from the
     BPE vocabulary shipped with the package (clip_tokenizer; the upstream conversion
     loaded the same vocabulary from the hub's openai/clip-vit-base-patch32).
@@ -220,8 +230,8 @@ def hf_processor(spec: Mapping, tokenizer=None):
             reason = errors.shown(err, limit=400)
             logging.getLogger("convert_parity").warning(
                 "no CLIP tokenizer, the output has the video processor only (see %s): %s", TOKENIZER_NOTE, reason)
-            return VideoProcessorOnly(video_processor(spec["image_size"]), reason)
-    return XCLIPProcessor(image_processor=video_processor(spec["image_size"]), tokenizer=tokenizer)
+            return VideoProcessorOnly(video_processor(spec["image_size"], shortest_edge), reason)
+    return XCLIPProcessor(image_processor=video_processor(spec["image_size"], shortest_edge), tokenizer=tokenizer)
 
 
 # ---- rename table -----------------------------------------------------------------------
@@ -297,7 +307,9 @@ def real_input(variant: Variant, files, tokenizer=None) -> dict:
     import numpy as np
 
     params = variant.inputs.params
-    processor = hf_processor({"image_size": params["image_size"]}, tokenizer or clip_tokenizer.clip_tokenizer())
+    # the upstream recipe: VideoMAEImageProcessor(size=image_size), the short side to the model size
+    processor = hf_processor({"image_size": params["image_size"]}, tokenizer or clip_tokenizer.clip_tokenizer(),
+                             shortest_edge=params["image_size"])
     return process(processor, params["texts"], np.load(files[0])[: params["frames"]], params["padding"])
 
 

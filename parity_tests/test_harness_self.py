@@ -45,6 +45,50 @@ def test_compare_reports_place_and_size():
     assert (d.max_abs, d.index, d.mismatched, d.total) == (0.5, (1, 1), 1, 6)
 
 
+@pytest.mark.parametrize("side", ["expected", "actual"])
+def test_nan_and_inf_in_either_side_are_mismatches(side):
+    """NaN fails every comparison, so `err > tol` alone counts it as good; a planted NaN
+    and an inf must each be a mismatch, named in the message with the first one's place."""
+    clean = torch.arange(6.0).reshape(2, 3)
+    planted = clean.clone()
+    planted[0, 2], planted[1, 0] = float("nan"), float("inf")
+    e, a = (planted, clean) if side == "expected" else (clean, planted)
+    d = harness.compare("logits", e, a, atol=1e-3, rtol=1e-3)
+    assert (d.ok, d.mismatched, d.nonfinite, d.index, d.max_abs) == (False, 2, 2, (0, 2), float("inf"))
+    assert f"2 non-finite values (NaN in {side} at index (0, 2))" in d.describe()
+    only_inf = clean.clone()
+    only_inf[1, 1] = float("-inf")
+    d = harness.compare("logits", only_inf, clean, 1e-3, 0) if side == "expected" else \
+        harness.compare("logits", clean, only_inf, 1e-3, 0)
+    assert f"1 non-finite values (-inf in {side} at index (1, 1))" in d.describe()
+
+
+def test_the_same_nan_on_both_sides_is_still_a_mismatch():
+    both = torch.tensor([1.0, float("nan"), float("inf")])
+    d = harness.compare("x", both, both.clone(), 1e-3, 1e-3)
+    assert (d.ok, d.mismatched, d.nonfinite) == (False, 2, 2)
+
+
+def test_nan_logits_fail_parity_and_golden():
+    """A converted weight that makes every logit NaN (the issue's BatchNorm swap does this
+    to the conv Perceiver) fails the parity and golden comparisons the matrix runs."""
+    from fixtures import golden
+
+    c = harness.case("timesformer-base-finetuned-k400")
+    model = type(c.hf_model())(c.hf_config()).eval()
+    broken = dict(c.converted)
+    broken["classifier.bias"] = torch.full_like(broken["classifier.bias"], float("nan"))
+    model.load_state_dict(broken)
+    outputs = c.adapter.hf_outputs(model, c.inputs)
+    with pytest.raises(AssertionError, match=r"logits: 800/800 elements out of tolerance .* 800 non-finite values "
+                                             r"\(NaN in actual at index \(0, 0\)\)"):
+        harness.assert_parity(harness.compare_outputs(c.reference, outputs, **c.adapter.tolerance))
+    record = golden.read(c.variant.name)
+    with pytest.raises(AssertionError, match="800 non-finite values"):
+        harness.assert_parity(harness.compare_outputs(record["arrays"], {k: v.numpy() for k, v in outputs.items()},
+                                                      **c.adapter.tolerance))
+
+
 def test_select_published_expression():
     out = {"logits": torch.arange(12.0).reshape(2, 6)}
     assert harness.select(out, "logits[0, :3]").tolist() == [0, 1, 2]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from converters import report
 
 
@@ -48,7 +50,7 @@ pytestmark = pytest.mark.parity
 
 def diff(max_abs):
     return types.SimpleNamespace(key="logits", max_abs=max_abs, max_rel=max_abs, index=(0, 1), atol=1e-5,
-                                 rtol=1e-4, mismatched=int(max_abs > 1e-5), total=4)
+                                 rtol=1e-4, mismatched=int(max_abs > 1e-5), total=4, nonfinite=0)
 
 @pytest.mark.parametrize("name", ["v-a", "v-b", "v-c", "v-d"])  # not `variant`: the conftest parametrizes that
 def test_logits_parity(name, record_diffs):
@@ -82,3 +84,17 @@ def test_shards_of_one_line_are_merged(tmp_path, monkeypatch):
     runs = report.load_runs([a, b])
     assert [label for label, _ in runs] == ["transformers 5.23.0"]
     assert sorted(r["variant"] for r in runs[0][1]["rows"]) == ["t", "x"]
+
+
+def test_non_finite_outputs_are_reported_as_such(tmp_path, monkeypatch):
+    """An output with NaN or inf is recorded with max_abs None and its count; the report
+    names it non-finite (not a small number, not a crash) and writes strict JSON."""
+    bad = _row("m-a", "test_logits_parity", None, "failed")
+    bad["outputs"][0].update(nonfinite=3, mismatched=3)
+    base = _results(tmp_path / "a.json", "4.57.6", [_row("m-a", "test_logits_parity", 1e-6)], monkeypatch)
+    other = _results(tmp_path / "b.json", "5.23.0", [bad], monkeypatch)
+    files = report.build_report([base, other], tmp_path / "out")
+    md = files["md"].read_text()
+    assert "| m-a | test_logits_parity | passed/failed | 1e-06 | non-finite |" in md
+    drift = json.loads(files["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert drift["drift"][0]["other"] is None and drift["drift"][0]["change"] is None
