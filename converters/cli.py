@@ -5,8 +5,10 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 
 from . import errors
+from .errors import shown
 from .registry import UnknownVariantError, all_variants, family_module, get_variant
 
 
@@ -149,6 +151,17 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary output is removed
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: messages that quote file content are escaped already;
+    this also folds any newline an exception from a library carries."""
+    return shown(" ".join(str(err).split()) if str(err).strip() else type(err).__name__, limit=2000)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one `warning:` line each, without the source line Python adds."""
+    print(f"warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     import signal
     import threading
@@ -158,6 +171,7 @@ def main(argv=None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    previous_showwarning, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args.func(args)
     except UnknownVariantError as err:
@@ -166,11 +180,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except (FileNotFoundError, errors.CheckpointError, errors.DownloadError,
-            errors.OutputExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (FileNotFoundError, errors.CheckpointError, errors.DownloadError, errors.OutputExistsError,
+            errors.OutputPathError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except SystemExit:
+        raise
+    except Exception as err:  # a bug, or an input no check foresaw: still one line, no traceback
+        logging.getLogger("convert_parity").info("unexpected error", exc_info=True)
+        print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (run with -v for the traceback)",
+              file=sys.stderr)
         return 1
     finally:
+        warnings.showwarning = previous_showwarning
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

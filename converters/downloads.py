@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DownloadError
+from .input_files import check_input_file
 
 
 def cache_root() -> Path:
@@ -98,8 +99,7 @@ def fetch(location: str | os.PathLike, *, filename: str | None = None, sha256: s
     location = str(location)
     if "://" not in location:
         path = Path(location).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+        check_input_file(path)
         return path
 
     hub = parse_hub_url(location)

@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 
 from . import downloads, errors, flax_files, haiku_files, output_dir, state_dicts, torch_files
+from .errors import shown
 from .registry import Variant, family_module
 
 log = logging.getLogger("convert_parity")
@@ -24,7 +25,8 @@ def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
     source = variant.source
     if source.container == "torch":
         checkpoint = torch_files.load_torch_checkpoint(path)
-        return state_dicts.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+        weights = state_dicts.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+        return torch_files.checked_tensors(weights, Path(path))
     if source.container == "flax_msgpack":
         return flax_files.load_flax_msgpack(path, source.container_keys)
     if source.container == "haiku_pickle":
@@ -91,11 +93,13 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
-    out = output_dir.check_output_dir(out_dir, overwrite)  # before any slow work
+    local = () if "://" in str(checkpoint) else (checkpoint,)
+    out = output_dir.check_output_dir(out_dir, overwrite, protected=local)  # before any slow work
     t0 = time.perf_counter()
-    progress(f"[1/4] fetching {checkpoint}")
+    progress(f"[1/4] fetching {shown(checkpoint)}")
     path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
-    progress(f"[2/4] loading {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    output_dir.check_output_dir(out, overwrite, protected=(path,))  # a download's cache entry counts too
+    progress(f"[2/4] loading {shown(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
     original = load_original_state_dict(path, variant)
     progress(f"[3/4] converting {len(original)} tensors")
     try:
@@ -105,6 +109,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     config = family.hf_config(spec, load_label_names(variant))
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
-    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
+    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite,
+                               protected=(path,))
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
     return out

@@ -51,13 +51,16 @@ def test_select_published_expression():
     assert harness.select(out, "logits[1, 2:4]").tolist() == [8, 9]
 
 
+# Fails for all but the smallest draws: Hypothesis' first example (0) passes, and any
+# random draw from 0..1e9 fails with probability 1 - 1e-6, so the run always fails
+# (the old `n % 7 != 3` missed in (6/7)**25 = 2% of runs) on an example the seed picks.
 RARE_FAILURE = """
 from hypothesis import Phase, given, settings, strategies as st
 
 @settings(phases=[Phase.generate], database=None)  # no shrinking: the example shown is the one drawn
 @given(st.integers(0, 10**9))
 def test_rarely(n):
-    assert n % 7 != 3
+    assert n < 1000
 """
 
 
