@@ -20,7 +20,7 @@ OUTPUT_FILES = frozenset({
     "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
     "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md", "parity.json",
-    "generation_config.json", "chat_template.jinja", "NO_TOKENIZER.txt"})
+    "generation_config.json", "chat_template.jinja", "TOKENIZER_MISSING.md"})
 
 
 def _os_error(what: str, path: Path, err: OSError) -> OutputPathError:
