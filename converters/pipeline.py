@@ -131,6 +131,8 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     progress(f"[4/4] writing {out}")
     output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite,
                                protected=(path,))
+    for warning in getattr(family, "user_warnings", lambda v: ())(variant):  # port differences users must handle
+        log.warning("%s: %s", variant.name, warning)
     unnamed = "; label names not available, the config has LABEL_i" if variant.config.get("label_file") and not labels else ""
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}{unnamed}")
     return out

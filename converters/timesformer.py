@@ -169,6 +169,11 @@ def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None)
     return apply_renames(state_dict, RENAMES)
 
 
+def user_warnings(variant: Variant) -> tuple[str, ...]:
+    """What `convert` tells the user about this variant (port differences the processor cannot fix)."""
+    return (_SSV2_BGR,) if variant.name.endswith("-ssv2") else ()
+
+
 def real_input(variant: Variant, files) -> dict:
     """The upstream reference input: the first frames of the spaghetti video, processed."""
     import numpy as np

@@ -26,7 +26,6 @@ NOT_ARCHITECTURE = {
     "id2label", "label2id",  # checked by test_labels_are_consistent
 }
 CLASS_IGNORES = {
-    # timesformer: drop_path_rate is training-only stochastic depth
     "timesformer": {"drop_path_rate": "stochastic depth, training only"},
     "vivit": {"pooler_output_size": "VivitForVideoClassification has no pooler",
               "pooler_act": "VivitForVideoClassification has no pooler"},
@@ -137,15 +136,15 @@ def test_labels_are_consistent(any_variant):
 
 # ---- processors ------------------------------------------------------------------------------------
 
-def image_processor(variant, tmp_path=None):
+def image_processor(variant):
     """The image or video processor the converter writes beside the model (None: none)."""
     module = family_module(variant.family)
     spec = pipeline.spec_of(variant)
-    if variant.family == "xclip":
-        from fixtures import parity_xclip
-
+    if variant.family == "xclip":  # with a CLIP tokenizer from small files: nothing downloaded
         import tempfile
         from pathlib import Path
+
+        from fixtures import parity_xclip
 
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = parity_xclip.write_tiny_clip_tokenizer(Path(tmp) / "tok", 512)

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from converters import pipeline
-from converters.registry import all_variants
+from converters.registry import all_variants, get_variant
 from fixtures import harness
 from fixtures import original_hparams as hp
 from fixtures import original_preprocessing as op
@@ -157,8 +157,6 @@ def processor_groups() -> dict[str, tuple]:
 def _run(name: str, frames: np.ndarray):
     """(HF pixel_values, the original's) for one group's processor on uint8 frames (T, H, W, 3)."""
     family, crop, channels, _ = processor_groups()[name]
-    from converters.registry import get_variant
-
     processor = image_processor(get_variant(name))
     original = _original(family, crop, channels)
     if family in ("vit_msn", "perceiver"):  # image models: one image at a time
@@ -187,7 +185,9 @@ def test_groups_cover_every_processor():
     covered = [n for g in processor_groups().values() for n in g[3]]
     assert sorted(covered) == sorted(v.name for v in all_variants() if image_processor(v) is not None)
     assert len(covered) == len(set(covered))
-    settings = lambda n: image_processor(__import__("converters.registry").registry.get_variant(n)).to_dict()  # noqa: E731
+    def settings(name):
+        return image_processor(get_variant(name)).to_dict()
+
     for name in BGR_GROUPS:
         assert any(settings(name) == settings(rgb) for rgb in RGB_GROUPS), name
 
@@ -278,3 +278,14 @@ def test_frame_sampling_follows_the_originals():
     # ViViT: the middle window of 4 frames at stride 2 in 20 frames starts at (20 - 8) // 2 = 6
     assert op.vivit_frame_indices(20, 4, 2).tolist() == [6, 8, 10, 12]
     assert op.vivit_frame_indices(5, 4, 2).tolist() == [0, 2, 4, 1]  # wraps around a short video
+
+
+@pytest.mark.parametrize("name", ["timesformer-base-finetuned-ssv2", "timesformer-base-finetuned-k400"])
+def test_convert_tells_ssv2_users_to_reverse_the_channels(name, tmp_path, caplog, monkeypatch):
+    """The port difference above reaches the user: `convert` warns for SSv2 models, and only for them."""
+    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only
+    c = harness.case(name)
+    with caplog.at_level("WARNING", logger="convert_parity"):
+        pipeline.convert_file(c.variant, str(c.checkpoint), tmp_path / "hf", spec=c.spec, progress=lambda _: None)
+    warned = [r.getMessage() for r in caplog.records if "BGR" in r.getMessage()]
+    assert len(warned) == (1 if name.endswith("ssv2") else 0), warned
