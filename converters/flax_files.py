@@ -16,7 +16,7 @@ import torch
 
 from .array_trees import (MAX_NODES, MAX_RANK, Budget, array_from_bytes, array_nbytes, checked_shape, describe, dtype_names,
                           flatten_tree, numeric_dtypes, subtree, to_tensors)
-from .errors import CheckpointError, shown
+from .errors import CheckpointError, exception_text, shown
 from .input_files import check_input_file
 
 # flax.serialization._MsgpackExtType
@@ -37,7 +37,7 @@ def _array_payload(code: int, data: bytes):
         payload = msgpack.unpackb(data, raw=True, max_array_len=MAX_RANK, max_map_len=0, max_str_len=64,
                                   max_bin_len=len(data), max_ext_len=0)
     except Exception as err:
-        raise CheckpointError(f"an array whose header cannot be read ({type(err).__name__}: {shown(err)})") from None
+        raise CheckpointError(f"an array whose header cannot be read ({exception_text(err)})") from None
     if not (isinstance(payload, list) and len(payload) == 3):
         raise CheckpointError("an array whose header is not flax's (shape, dtype, bytes)")
     shape, name, buffer = payload
@@ -187,5 +187,5 @@ def load_flax_msgpack(path: str | os.PathLike, container_keys: tuple[str, ...] =
         raise CheckpointError(f"{path}: {err}") from err
     except Exception as err:  # msgpack's own errors (truncated, trailing data, too deep) and the like
         raise CheckpointError(f"{path} is not a readable Flax msgpack checkpoint "
-                              f"({type(err).__name__}: {shown(err)})") from err
+                              f"({exception_text(err)})") from err
     return to_tensors(params, path)

@@ -25,7 +25,7 @@ import torch
 
 from .array_trees import (Budget, TreeError, array_from_bytes, checked_shape, dtype_names,
                           flatten_tree, is_container, native_byte_order, numeric_dtypes, to_tensors, walk, where)
-from .errors import CheckpointError, shown
+from .errors import CheckpointError, exception_text, shown
 from .input_files import check_input_file
 
 # Opcodes a Haiku params pickle runs: about 26 per array; the largest Perceiver IO
@@ -381,7 +381,7 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err
     except Exception as err:  # truncated or garbage pickles raise many types
-        raise CheckpointError(f"{path} is not a readable pickle ({type(err).__name__}: {shown(err)})") from err
+        raise CheckpointError(f"{path} is not a readable pickle ({exception_text(err)})") from err
 
 
 def load_haiku_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:

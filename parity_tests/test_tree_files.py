@@ -223,7 +223,7 @@ def test_no_real_function_is_reachable_by_build(target, state, tmp_path):
     attrs = hostile.p_dict({"__defaults__": hostile.p_tuple(hostile.p_int(1)), "pwned": hostile.p_int(1)})
     build_state = attrs if state == "dict" else hostile.p_tuple(hostile.NONE, attrs)
     path = tmp_path / "build.pickle"
-    path.write_bytes(hostile.PROTO4 + hostile.p_global(*target.split()) + build_state + pickle.BUILD + pickle.STOP)
+    path.write_bytes(hostile.PROTO4 + hostile.op_global(*target.split()) + build_state + pickle.BUILD + pickle.STOP)
     with pytest.raises(CheckpointError, match=rf"refusing BUILD on {re.escape(target.replace(' ', '.'))}"):
         haiku_files.load_pickle_restricted(path)
     if real is not None:
