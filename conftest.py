@@ -97,6 +97,29 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def tiny_cli(monkeypatch, tmp_path):
+    """Run the CLI against tiny checkpoints: the variant's config is the tiny one, the
+    download cache is a fresh directory, nothing is fetched."""
+    import warnings
+
+    from converters import cli, pipeline
+    from fixtures import harness
+
+    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
+
+    def run(capsys, row, *argv):  # row: a fixtures.catalogue.Container
+        monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            code = cli.main(["convert", row.variant, *argv])
+        err = capsys.readouterr().err  # the CLI prints each warning as one `warning:` line
+        return code, err, [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
+
+    return run
+
+
+@pytest.fixture
 def stand_in_suite(tmp_path):
     """Run a small test file in a fresh pytest with this conftest as its plugin:
     `run(source, *pytest_args, env=None)` -> CompletedProcess (text output); an env

@@ -27,7 +27,7 @@ import transformers
 from converters import clip_tokenizer, downloads, xclip
 from converters.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, VOCAB_SIZE
 from fixtures import harness
-from parity_tests.test_reliability import CONTAINERS, tiny_cli  # noqa: F401 (the CLI fixture)
+from fixtures.catalogue import CONTAINERS
 
 CORPUS = json.loads((Path(__file__).parents[1] / "fixtures" / "clip_tokenizer_corpus.json").read_text())
 # Distinct texts in corpus order ("eating spaghetti" and "situp" are in two sections each).

@@ -13,45 +13,17 @@ import os
 import pickle
 import re
 import signal
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from converters import array_trees, downloads, output_dir, cli, pipeline
+from converters import array_trees, downloads, output_dir, cli
 from converters.registry import FAMILY_MODULES, get_variant
 from fixtures import harness, hostile_files
+from fixtures.catalogue import CONTAINERS, UNREADABLE, Container
 
 
-@dataclass(frozen=True)
-class Container:
-    variant: str
-    format: str  # how the original writes it: "torch", "flax" (msgpack) or "haiku" (pickle)
-    leaf: str  # a LayerNorm bias, as the loader names it: the key removed or resized
-    hf_key: str  # its converted name as written to disk, which the errors must name
-
-    @property
-    def installed_key(self) -> str:
-        """hf_key as the installed transformers names it (ViViT and MSN renamed in 5.x)."""
-        return next(iter(pipeline.for_installed_transformers(get_variant(self.variant), {self.hf_key: torch.empty(0)})))
-
-
-CONTAINERS = {
-    "torch-pyth": Container("timesformer-base-finetuned-k400", "torch", "blocks.1.norm1.bias",
-                            "timesformer.encoder.layer.1.layernorm_before.bias"),
-    "torch-training-config": Container("xclip-base-patch32", "torch", "prompts_generator.norm.bias",
-                                       "prompts_generator.layernorm.bias"),
-    "torch-target-encoder": Container("vit-msn-small", "torch", "blocks.0.norm1.bias",
-                                      "encoder.layer.0.layernorm_before.bias"),
-    "flax-msgpack": Container("vivit-b-16x2-kinetics400", "flax", "Transformer/encoderblock_0/LayerNorm_0/bias",
-                              "vivit.encoder.layer.0.layernorm_before.bias"),
-    "haiku-pickle": Container("language-perceiver", "haiku", "basic_decoder/cross_attention/layer_norm/offset",
-                              "perceiver.decoder.decoding_cross_attention.attention.self.layernorm1.bias"),
-}
-UNREADABLE = {"torch": "is not a readable torch checkpoint", "flax": "is not a readable Flax msgpack checkpoint",
-              "haiku": "is not a readable pickle"}
 HOSTILE = r"refusing to unpickle (posix|nt)\.system: the file would call it while loading"
 
 
@@ -176,24 +148,6 @@ def unknown_key(row, good, tmp, marker):
 
 
 BAD_INPUTS = [hostile_pickle, truncated, empty, wrong_container, missing_key, wrong_shape, unknown_key]
-
-
-@pytest.fixture
-def tiny_cli(monkeypatch, tmp_path):
-    """Run the CLI against tiny checkpoints: the variant's config is the tiny one, the
-    download cache is a fresh directory, nothing is fetched."""
-    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
-
-    def run(capsys, row: Container, *argv):
-        monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            code = cli.main(["convert", row.variant, *argv])
-        err = capsys.readouterr().err  # the CLI prints each warning as one `warning:` line
-        return code, err, [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
-
-    return run
 
 
 def _scratch(tmp_path) -> Path:

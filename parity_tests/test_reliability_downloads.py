@@ -17,7 +17,7 @@ from converters.registry import get_variant
 from fixtures import harness
 from parity_tests.loopback import hostile_server, serve_bytes
 from parity_tests.test_downloads import ATTACK_ERRORS, TIGHT
-from parity_tests.test_reliability import CONTAINERS, UNREADABLE, tiny_cli  # noqa: F401 -- tiny_cli is a fixture
+from fixtures.catalogue import CONTAINERS, UNREADABLE
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from fixtures import hostile_trees as hostile
-from test_reliability import CONTAINERS, tiny_cli  # noqa: F401 - tiny_cli is a fixture
+from fixtures.catalogue import CONTAINERS
 
 # attack class -> the attack of fixtures.hostile_trees that stands for it
 HAIKU_CLASSES = {
