@@ -32,6 +32,9 @@ def pytest_addoption(parser):
                     help="rewrite fixtures/golden/*.json from the current HF outputs instead of comparing")
     group.addoption("--real-checkpoints", action="store_true",
                     help="allow the real-checkpoint tier to download checkpoints (default: use caches only)")
+    group.addoption("--run-slow", action="store_true", default=os.environ.get("CONVERT_PARITY_RUN_SLOW") == "1",
+                    help="also run the tests marked slow (full-size end to end, subprocess self-tests); "
+                         "CI and the nightly run them (or set CONVERT_PARITY_RUN_SLOW=1)")
     group.addoption("--results", default=os.environ.get("CONVERT_PARITY_RESULTS", "results/parity-results.json"),
                     help="where the parity outcomes are written as JSON (default: %(default)s)")
 
@@ -139,6 +142,16 @@ def stand_in_suite(tmp_path):
                               check=False)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are deselected unless --run-slow: `pytest -n auto` stays quick."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """The console script: the variant table, conversion with progress, clear errors."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -41,6 +43,7 @@ def test_wrong_container_lists_keys(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     """The product path at full size: a random full-size original file -> CLI -> from_pretrained."""
     monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only

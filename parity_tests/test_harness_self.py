@@ -108,6 +108,7 @@ def test_rarely(n):
 """
 
 
+@pytest.mark.slow
 def test_hypothesis_failure_replays_from_the_printed_seed(stand_in_suite):
     """A randomized run prints its seed; the same seed draws the same failing example,
     on xdist workers too (they share the controller's seed)."""

@@ -95,6 +95,7 @@ def test_port_difference_hub_config_gelu(perceiver_variant):
 
 # ---- the two port differences no config removes (KNOWN_DIVERGENCES) ----------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DIVERGING)
 def test_known_divergence_is_the_measured_one(name):
     """The recorded tiny size is what the matrix measures now (converted vs original, within

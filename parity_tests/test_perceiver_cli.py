@@ -83,6 +83,7 @@ def _matrix(capsys, monkeypatch, divergences):
     return code, rows, out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("vision-perceiver-conv")
 def test_matrix_tells_weights_from_reproducing_the_original(capsys, monkeypatch):
     """Both verdicts per variant; a known divergence must still be seen and an unknown one fails."""

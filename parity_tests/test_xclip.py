@@ -126,6 +126,7 @@ def test_in_proj_split_computes_multihead_attention(heads, head_dim, n, seed):
     assert torch.allclose(got, want, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_cli_converts_and_verifies(tmp_path, capsys):
     """The CLI path for X-CLIP at full size (base patch32): original file -> output -> verify."""
     from converters import cli
