@@ -32,6 +32,9 @@ def pytest_addoption(parser):
                     help="rewrite fixtures/golden/*.json from the current HF outputs instead of comparing")
     group.addoption("--real-checkpoints", action="store_true",
                     help="allow the real-checkpoint tier to download checkpoints (default: use caches only)")
+    group.addoption("--run-slow", action="store_true", default=os.environ.get("CONVERT_PARITY_RUN_SLOW") == "1",
+                    help="also run the tests marked slow (full-size end to end, subprocess self-tests); "
+                         "CI and the nightly run them (or set CONVERT_PARITY_RUN_SLOW=1)")
     group.addoption("--results", default=os.environ.get("CONVERT_PARITY_RESULTS", "results/parity-results.json"),
                     help="where the parity outcomes are written as JSON (default: %(default)s)")
 
@@ -97,6 +100,29 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def tiny_cli(monkeypatch, tmp_path):
+    """Run the CLI against tiny checkpoints: the variant's config is the tiny one, the
+    download cache is a fresh directory, nothing is fetched."""
+    import warnings
+
+    from converters import cli, pipeline
+    from fixtures import harness
+
+    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
+
+    def run(capsys, row, *argv):  # row: a fixtures.catalogue.Container
+        monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            code = cli.main(["convert", row.variant, *argv])
+        err = capsys.readouterr().err  # the CLI prints each warning as one `warning:` line
+        return code, err, [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
+
+    return run
+
+
+@pytest.fixture
 def stand_in_suite(tmp_path):
     """Run a small test file in a fresh pytest with this conftest as its plugin:
     `run(source, *pytest_args, env=None)` -> CompletedProcess (text output); an env
@@ -116,6 +142,16 @@ def stand_in_suite(tmp_path):
                               check=False)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are deselected unless --run-slow: `pytest -n auto` stays quick."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

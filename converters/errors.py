@@ -28,3 +28,9 @@ def shown(text: object, limit: int = 200) -> str:
     if len(s) > limit:
         s = s[:limit] + f"...({len(s) - limit} more characters)"
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def exception_text(err: BaseException) -> str:
+    """A library's exception as a loader's message quotes it: its type and its escaped
+    text (which may quote the file), or the type alone when it has no text."""
+    return f"{type(err).__name__}: {shown(err)}" if str(err) else type(err).__name__

@@ -12,7 +12,8 @@ from typing import Mapping
 import torch
 
 from . import downloads, errors, flax_files, haiku_files, output_dir, state_dicts, torch_files
-from .registry import Variant, family_module
+from .errors import shown
+from .registry import Variant, family_module, hub_config_values
 
 log = logging.getLogger("convert_parity")
 
@@ -24,7 +25,8 @@ def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
     source = variant.source
     if source.container == "torch":
         checkpoint = torch_files.load_torch_checkpoint(path)
-        return state_dicts.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+        weights = state_dicts.find_state_dict(checkpoint, source.container_keys, source.prefix or None)
+        return torch_files.checked_tensors(weights, Path(path))
     if source.container == "flax_msgpack":
         return flax_files.load_flax_msgpack(path, source.container_keys)
     if source.container == "haiku_pickle":
@@ -74,39 +76,63 @@ def spec_of(variant: Variant) -> dict:
 
 
 def load_label_names(variant: Variant) -> dict[int, str] | None:
-    """id2label from the hub's label-files repo, if it can be had (cached or online)."""
+    """id2label from the hub's label-files repo, if it can be had (cached, or online
+    when the hub answers); else None, with one warning saying why: the config then
+    carries LABEL_i."""
     label_file = variant.config.get("label_file")
     if not label_file:
         return None
     try:
         path = downloads.fetch(f"hf://datasets/huggingface/label-files/{label_file}")
     except errors.DownloadError as err:
-        log.warning("label names unavailable, writing LABEL_i: %s", err)
+        log.warning("label names not available (%s): writing LABEL_i", err)
         return None
     return {int(k): v for k, v in json.loads(Path(path).read_text()).items()}
 
 
+def load_cached_checkpoint(path: Path, variant: Variant, from_cache: bool) -> dict[str, torch.Tensor]:
+    """load_original_state_dict; a download cache entry that fails to load is removed, so
+    that no later run reuses it, and the error says so (still one line)."""
+    try:
+        return load_original_state_dict(path, variant)
+    except errors.CheckpointError as err:
+        removed = downloads.discard_cached(path) if from_cache else None
+        if removed is None:
+            raise
+        raise errors.CheckpointError(f"{err}; removed the cached copy {removed}, it will be downloaded again") from err
+
+
 def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | None = None,
-                 overwrite: bool = False, progress=print) -> Path:
-    """Convert one original checkpoint file (or URL) to a `from_pretrained` directory."""
+                 overwrite: bool = False, hub_config: bool = False, progress=print) -> Path:
+    """Convert one original checkpoint file (or URL) to a `from_pretrained` directory.
+    hub_config: write the published hub config's values where they differ from the
+    original's computation (registry.hub_config_values), not the original's."""
     family = family_module(variant.family)
     spec = dict(spec or spec_of(variant))
-    out = output_dir.check_output_dir(out_dir, overwrite)  # before any slow work
+    if hub_config:
+        spec.update(hub_config_values(variant))
+    local = () if downloads.is_url(checkpoint) else (checkpoint,)
+    out = output_dir.check_output_dir(out_dir, overwrite, protected=local)  # before any slow work
     t0 = time.perf_counter()
-    progress(f"[1/4] fetching {checkpoint}")
-    path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256)
-    progress(f"[2/4] loading {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    original = load_original_state_dict(path, variant)
+    progress(f"[1/4] fetching {shown(checkpoint)}")
+    path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256,
+                           container=variant.source.container)
+    output_dir.check_output_dir(out, overwrite, protected=(path,))  # a download's cache entry counts too
+    progress(f"[2/4] loading {shown(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
+    original = load_cached_checkpoint(path, variant, from_cache=downloads.is_url(checkpoint))
     progress(f"[3/4] converting {len(original)} tensors")
     try:
         converted = family.convert(original, spec)
     except KeyError as err:  # a rename table meeting a key it has no rule for
         raise errors.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
-    config = family.hf_config(spec, load_label_names(variant))
+    labels = load_label_names(variant)
+    config = family.hf_config(spec, labels)
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
-    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite)
+    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite,
+                               protected=(path,))
     for warning in getattr(family, "user_warnings", lambda v: ())(variant):  # port differences users must handle
         log.warning("%s: %s", variant.name, warning)
-    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}")
+    unnamed = "; label names not available, the config has LABEL_i" if variant.config.get("label_file") and not labels else ""
+    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}{unnamed}")
     return out

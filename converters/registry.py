@@ -72,6 +72,27 @@ class Variant:
         return any(p.values is not None for p in self.published)
 
 
+@dataclass(frozen=True)
+class KnownDivergence:
+    """A variant whose HF class computes something else than the original, whatever the
+    config says: converted weights are right, outputs are not the original's. Declared
+    per family as KNOWN_DIVERGENCES (variant name -> KnownDivergence); read by `list`,
+    `convert` (a warning) and `matrix`, and as the reason of the matrix's strict xfail."""
+
+    cause: str  # one line: what the HF class hard-codes, e.g. "HF decoder hard-codes the query residual"
+    detail: str  # the two computations side by side, and where that was read
+    tiny_max_abs: float  # the matrix's tiny model, as converted vs the original (checked by a test)
+    full_size_max_abs: float  # full-size random weights, as converted vs the original
+    measured_by: str  # the command or test the numbers come from
+
+    def summary(self) -> str:
+        return (f"{self.cause} (max abs logit difference {self.full_size_max_abs:.2g} at full size with "
+                f"random weights, {self.tiny_max_abs:.3g} tiny)")
+
+    def describe(self) -> str:
+        return f"{self.summary()}; {self.detail}; measured by {self.measured_by}"
+
+
 class UnknownVariantError(KeyError):
     def __init__(self, name: str, candidates: list[str]):
         self.name, self.candidates = name, candidates
@@ -94,6 +115,16 @@ def all_variants() -> tuple[Variant, ...]:
 def convertible_variants() -> tuple[Variant, ...]:
     """Variants whose family already has a converter (the rest are data only)."""
     return tuple(v for v in all_variants() if hasattr(family_module(v.family), "convert"))
+
+
+def known_divergence(variant: Variant) -> KnownDivergence | None:
+    return getattr(family_module(variant.family), "KNOWN_DIVERGENCES", {}).get(variant.name)
+
+
+def hub_config_values(variant: Variant) -> dict[str, Any]:
+    """The config values of the published hub model where the conversion writes the
+    original's instead (`convert --hub-config` writes these): the family's HUB_CONFIG."""
+    return dict(getattr(family_module(variant.family), "HUB_CONFIG", {}))
 
 
 def get_variant(name: str) -> Variant:

@@ -10,11 +10,12 @@ MLP = 4 x width everywhere, and so does `hf_config`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from . import reshape
+from . import clip_tokenizer, errors, reshape
 from .registry import InputRecipe, PublishedValues, Source, Variant
 from .rename import apply_renames, prefixed, rules
 
@@ -136,12 +137,14 @@ def _variant(key: str) -> Variant:
         source=_source(checkpoint),
         inputs=InputRecipe(
             description=f"{_VIDEO[frames]} ({frames} frames) through VideoMAEImageProcessor(size={image_size}) "
-                        "(ImageNet mean/std) and CLIPTokenizerFast(openai/clip-vit-base-patch32) as "
-                        "XCLIPProcessor, 3 texts, padding=True; probs = logits_per_video.softmax(dim=1)",
+                        "(ImageNet mean/std) and the CLIP tokenizer as XCLIPProcessor, 3 texts, padding=True; "
+                        "probs = logits_per_video.softmax(dim=1). Upstream loaded the tokenizer as "
+                        "CLIPTokenizerFast(openai/clip-vit-base-patch32); here it is built from openai/CLIP's "
+                        "BPE file shipped with the package (converters/clip_tokenizer.py)",
             files=(f"hf://datasets/hf-internal-testing/spaghetti-video/{_VIDEO[frames]}",),
             params=dict(frames=frames, image_size=image_size, image_mean=(0.485, 0.456, 0.406),
                         image_std=(0.229, 0.224, 0.225), texts=_TEXTS, padding=True,
-                        tokenizer="openai/clip-vit-base-patch32"),
+                        tokenizer="openai/CLIP bpe_simple_vocab_16e6.txt.gz (shipped)"),
         ),
         published=(PublishedValues("probs[0]", probs, 1e-3, "; ".join(filter(None, (_SCRIPT, _SUSPECT.get(key))))),
                    *(_TEST_VALUES if key == "base-patch32" else ())),
@@ -189,23 +192,45 @@ def video_processor(image_size: int, shortest_edge: int | None = None):
                      image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
 
-def hf_processor(spec: Mapping, tokenizer=None, shortest_edge: int | None = None):
-    """XCLIPProcessor: the video processor and the CLIP tokenizer the upstream conversion used.
+TOKENIZER_NOTE = "TOKENIZER_MISSING.md"
 
-    Without a tokenizer (offline, not cached) only the video processor is returned."""
+
+class VideoProcessorOnly:
+    """What is written when CLIP's tokenizer cannot be built: the video processor, and
+    a note in the output saying why and what `from_pretrained` will then load."""
+
+    tokenizer = None
+
+    def __init__(self, image_processor, reason: str):
+        self.image_processor, self.reason = image_processor, reason
+
+    def save_pretrained(self, directory, **kwargs):
+        self.image_processor.save_pretrained(directory, **kwargs)
+        (Path(directory) / TOKENIZER_NOTE).write_text(
+            "# No tokenizer in this output\n\n"
+            f"convert-parity could not build the CLIP tokenizer: {self.reason}.\n\n"
+            "The weights and the video processor are complete. `XCLIPProcessor` / `AutoProcessor` cannot be "
+            "loaded from this directory as it is; `AutoImageProcessor` can. Reinstall convert-parity (the "
+            "tokenizer is built from its converters/data/bpe_simple_vocab_16e6.txt.gz) and convert again.\n")
+
+
+def hf_processor(spec: Mapping, tokenizer=None, shortest_edge: int | None = None):
+    """XCLIPProcessor: the video processor and CLIP's tokenizer, built offline from the
+    BPE vocabulary shipped with the package (clip_tokenizer; the upstream conversion
+    loaded the same vocabulary from the hub's openai/clip-vit-base-patch32).
+
+    Without a usable tokenizer (the data file missing or altered) one warning, and the
+    video processor alone with a note (VideoProcessorOnly)."""
     from transformers import XCLIPProcessor
 
     if tokenizer is None:
-        from .downloads import is_offline
-
         try:
-            from transformers import CLIPTokenizer
-
-            tokenizer = CLIPTokenizer.from_pretrained("openai/clip-vit-base-patch32", local_files_only=is_offline())
-        except Exception as err:  # no network and no cache: the weights still convert
-            logging.getLogger("convert_parity").warning("CLIP tokenizer unavailable, writing the video processor "
-                                                        "only: %s", err)
-            return video_processor(spec["image_size"], shortest_edge)
+            tokenizer = clip_tokenizer.clip_tokenizer()
+        except clip_tokenizer.VocabularyError as err:
+            reason = errors.shown(err, limit=400)
+            logging.getLogger("convert_parity").warning(
+                "no CLIP tokenizer, the output has the video processor only (see %s): %s", TOKENIZER_NOTE, reason)
+            return VideoProcessorOnly(video_processor(spec["image_size"], shortest_edge), reason)
     return XCLIPProcessor(image_processor=video_processor(spec["image_size"], shortest_edge), tokenizer=tokenizer)
 
 
@@ -283,7 +308,8 @@ def real_input(variant: Variant, files, tokenizer=None) -> dict:
 
     params = variant.inputs.params
     # the upstream recipe: VideoMAEImageProcessor(size=image_size), the short side to the model size
-    processor = hf_processor({"image_size": params["image_size"]}, tokenizer, shortest_edge=params["image_size"])
+    processor = hf_processor({"image_size": params["image_size"]}, tokenizer or clip_tokenizer.clip_tokenizer(),
+                             shortest_edge=params["image_size"])
     return process(processor, params["texts"], np.load(files[0])[: params["frames"]], params["padding"])
 
 

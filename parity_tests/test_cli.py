@@ -1,6 +1,8 @@
 """The console script: the variant table, conversion with progress, clear errors."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -41,6 +43,7 @@ def test_wrong_container_lists_keys(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     """The product path at full size: a random full-size original file -> CLI -> from_pretrained."""
     monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only
@@ -49,7 +52,7 @@ def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     spec = dict(get_variant("timesformer-base-finetuned-k400").config)
     model = timesformer_original.TimeSformer(**timesformer_original.constructor_args(spec))
     path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
-    timesformer_original.save_checkpoint(model, path)
+    timesformer_original.save_checkpoint(model, path, spec=spec, training_state=False)
     code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
                        "--out", str(tmp_path / "hf"), "--verify")
     assert code == 0, err

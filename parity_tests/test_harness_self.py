@@ -32,7 +32,7 @@ MUTATIONS = {
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_broken_conversion_fails_parity(mutation):
     c = harness.case("timesformer-base-finetuned-k400")
-    original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint)["model_state"].items()}
+    original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint, map_location="cpu")["model_state"].items()}
     model = type(c.hf_model())(c.hf_config()).eval()
     model.load_state_dict(MUTATIONS[mutation](original))
     diffs = harness.compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
@@ -95,16 +95,20 @@ def test_select_published_expression():
     assert harness.select(out, "logits[1, 2:4]").tolist() == [8, 9]
 
 
+# Fails for all but the smallest draws: Hypothesis' first example (0) passes, and any
+# random draw from 0..1e9 fails with probability 1 - 1e-6, so the run always fails
+# (the old `n % 7 != 3` missed in (6/7)**25 = 2% of runs) on an example the seed picks.
 RARE_FAILURE = """
 from hypothesis import Phase, given, settings, strategies as st
 
 @settings(phases=[Phase.generate], database=None)  # no shrinking: the example shown is the one drawn
 @given(st.integers(0, 10**9))
 def test_rarely(n):
-    assert n % 7 != 3
+    assert n < 1000
 """
 
 
+@pytest.mark.slow
 def test_hypothesis_failure_replays_from_the_printed_seed(stand_in_suite):
     """A randomized run prints its seed; the same seed draws the same failing example,
     on xdist workers too (they share the controller's seed)."""

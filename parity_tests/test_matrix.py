@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from converters import output_dir, pipeline
-from converters.registry import family_module
+from converters.registry import convertible_variants, family_module, known_divergence
 from fixtures import golden, harness
 
 pytestmark = pytest.mark.parity
@@ -23,12 +23,28 @@ EXPECTED_KEYS_DIR = Path(harness.__file__).parent / "expected_keys"
 TRANSFORMERS_LINE = ".".join(transformers.__version__.split(".")[:2])
 
 
-def test_logits_parity(variant, record_diffs):
-    """The converted HF model computes what the original computes, on the same input."""
+def test_logits_parity(variant, record_diffs, request):
+    """The converted HF model computes what the original computes, on the same input. Where
+    the HF class hard-codes another computation (registry.known_divergence), a strict xfail
+    with the cause and size; its weights are checked by test_weight_mapping_parity."""
+    if known := known_divergence(variant):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"HF port differs: {known.describe()}"))
     c = harness.case(variant.name)
     diffs = harness.compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
     record_diffs(diffs)
     harness.assert_parity(diffs, f"{variant.name} original vs HF")
+
+
+@pytest.mark.parametrize("diverging", [
+    pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.name)) for v in convertible_variants()
+    if known_divergence(v)])
+def test_weight_mapping_parity(diverging, record_diffs):
+    """For a variant whose port is known to diverge, the weight mapping on its own: the HF
+    model against the original's weights run with the HF class's structure."""
+    c = harness.case(diverging.name)
+    diffs = harness.compare_outputs(harness.weights_reference(c), c.hf_outputs(), **c.adapter.tolerance)
+    record_diffs(diffs)
+    harness.assert_parity(diffs, f"{diverging.name} original with the port's structure vs HF")
 
 
 def test_output_shape(variant):

@@ -10,6 +10,7 @@ import pytest
 from fixtures import mutation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", mutation.MODULES)
 def test_every_mutant_is_one_valid_edit(module):
     source = (mutation.ROOT / "converters" / f"{module}.py").read_text()

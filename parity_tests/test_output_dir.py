@@ -31,10 +31,10 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_overwrite_replaces_whole_directory(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.bin").write_text("old")
+    (out / "model.safetensors").write_text("old")  # a previous output
     with output_dir.atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / "new.bin").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.bin"]
+        (tmp / "config.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

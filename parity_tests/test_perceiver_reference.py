@@ -481,27 +481,10 @@ def test_save_checkpoint_roundtrip(tiny, tmp_path, arch):
 
 # ----------------------------------------------------------------------------- options for the parity tests
 
-def test_gelu_exact_option_switches_only_the_activation(tiny):
-    """hparams gelu_approximate=False: the same network with exact (erf) GELU."""
-    hp, params, state, inputs, out = tiny['image_fourier']
-    exact = P.forward('image_fourier', dict(hp, gelu_approximate=False), params, state, inputs)['logits']
-    gap = np.abs(exact - out['logits']).max()
-    assert 1e-5 < gap < 1e-2, gap               # a small numerics change, not another network
-    x = np.linspace(-4, 4, 9, dtype=np.float32)[None, None]
-    f = hk.transform(lambda x: P.MLP(1)(x))
-    mlp = {'mlp/linear': {'w': np.eye(9, dtype=np.float32), 'b': np.zeros(9, np.float32)},
-           'mlp/linear_1': {'w': np.eye(9, dtype=np.float32), 'b': np.zeros(9, np.float32)}}
-    token = P._GELU_APPROXIMATE.set(False)
-    try:
-        got = np.asarray(f.apply(mlp, None, x))
-    finally:
-        P._GELU_APPROXIMATE.reset(token)
-    np.testing.assert_allclose(got, np_gelu_erf(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
-
-
 def test_conv_stem_padding_option(tiny):
-    """conv_padding/pool_padding build the stem with other paddings (the HF port's:
-    (3, 3) and an unpadded pool); the defaults are the original's TF SAME."""
+    """conv_padding/pool_padding build the stem with the HF port's paddings ((3, 3) and an
+    unpadded pool), for the HF conv model's labelled weights check only; the defaults are
+    the original's TF SAME (test_conv_stem_tf_same)."""
     hp, params, state, inputs, _ = tiny['image_conv']
     pre = 'image_preprocessor/~/conv2_d_downsample/~/'
     f = hk.transform_with_state(lambda x: P.Conv2DDownsample(

@@ -13,45 +13,17 @@ import os
 import pickle
 import re
 import signal
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from converters import array_trees, downloads, output_dir, cli, pipeline
+from converters import array_trees, downloads, output_dir, cli
 from converters.registry import FAMILY_MODULES, get_variant
-from fixtures import harness
+from fixtures import harness, hostile_files
+from fixtures.catalogue import CONTAINERS, UNREADABLE, Container
 
 
-@dataclass(frozen=True)
-class Container:
-    variant: str
-    format: str  # how the original writes it: "torch", "flax" (msgpack) or "haiku" (pickle)
-    leaf: str  # a LayerNorm bias, as the loader names it: the key removed or resized
-    hf_key: str  # its converted name as written to disk, which the errors must name
-
-    @property
-    def installed_key(self) -> str:
-        """hf_key as the installed transformers names it (ViViT and MSN renamed in 5.x)."""
-        return next(iter(pipeline.for_installed_transformers(get_variant(self.variant), {self.hf_key: torch.empty(0)})))
-
-
-CONTAINERS = {
-    "torch-pyth": Container("timesformer-base-finetuned-k400", "torch", "blocks.1.norm1.bias",
-                            "timesformer.encoder.layer.1.layernorm_before.bias"),
-    "torch-training-config": Container("xclip-base-patch32", "torch", "prompts_generator.norm.bias",
-                                       "prompts_generator.layernorm.bias"),
-    "torch-target-encoder": Container("vit-msn-small", "torch", "blocks.0.norm1.bias",
-                                      "encoder.layer.0.layernorm_before.bias"),
-    "flax-msgpack": Container("vivit-b-16x2-kinetics400", "flax", "Transformer/encoderblock_0/LayerNorm_0/bias",
-                              "vivit.encoder.layer.0.layernorm_before.bias"),
-    "haiku-pickle": Container("language-perceiver", "haiku", "basic_decoder/cross_attention/layer_norm/offset",
-                              "perceiver.decoder.decoding_cross_attention.attention.self.layernorm1.bias"),
-}
-UNREADABLE = {"torch": "is not a readable torch checkpoint", "flax": "is not a readable Flax msgpack checkpoint",
-              "haiku": "is not a readable pickle"}
 HOSTILE = r"refusing to unpickle (posix|nt)\.system: the file would call it while loading"
 
 
@@ -84,7 +56,7 @@ class TrainingConfig(dict):
 
 def _read(path: Path, fmt: str):
     if fmt == "torch":
-        return torch.load(path, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)  # saved from cuda:0
     if fmt == "flax":
         import flax.serialization
 
@@ -178,23 +150,6 @@ def unknown_key(row, good, tmp, marker):
 BAD_INPUTS = [hostile_pickle, truncated, empty, wrong_container, missing_key, wrong_shape, unknown_key]
 
 
-@pytest.fixture
-def tiny_cli(monkeypatch, tmp_path):
-    """Run the CLI against tiny checkpoints: the variant's config is the tiny one, the
-    download cache is a fresh directory, nothing is fetched."""
-    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
-
-    def run(capsys, row: Container, *argv):
-        monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            code = cli.main(["convert", row.variant, *argv])
-        return code, capsys.readouterr().err, [str(w.message) for w in caught]
-
-    return run
-
-
 def _scratch(tmp_path) -> Path:
     (tmp_path / "in").mkdir()
     return tmp_path / "in"
@@ -286,11 +241,11 @@ def test_failed_overwrite_keeps_the_existing_output(tiny_cli, tmp_path, capsys):
     row = CONTAINERS["torch-pyth"]
     out = tmp_path / "work" / "hf"
     out.mkdir(parents=True)
-    (out / "mine.txt").write_text("keep")
+    (out / "config.json").write_text("keep")  # a previous output, which --overwrite may replace
     path, pattern, _ = wrong_shape(row, harness.case(row.variant).checkpoint, _scratch(tmp_path), None)
     code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(out), "--overwrite")
     assert code == 1 and re.search(pattern, err), err
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "keep"
     assert [p.name for p in out.parent.iterdir()] == ["hf"], "temporary directories were left"
 
 
@@ -317,7 +272,7 @@ def test_signal_during_the_write_leaves_no_output(sig, existing, tiny_cli, tmp_p
     out = tmp_path / "work" / "hf"
     if existing:
         out.mkdir(parents=True)
-        (out / "mine.txt").write_text("keep")
+        (out / "config.json").write_text("keep")
     real_write, on_disk = output_dir.write_safetensors, []
 
     def write_then_signal(tensors, path, metadata=None):
@@ -340,7 +295,7 @@ def test_signal_during_the_write_leaves_no_output(sig, existing, tiny_cli, tmp_p
     remaining = sorted(p.name for p in (tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else []
     assert remaining == (["hf"] if existing else []), f"left behind: {remaining}"
     if existing:
-        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+        assert [p.name for p in out.iterdir()] == ["config.json"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the CLI did not restore the SIGTERM handler"
 
 
@@ -368,3 +323,279 @@ def test_signal_during_a_download_leaves_no_cache_entry(sig, tiny_cli, tmp_path,
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert cached == [], f"cache entries left: {cached}"
     assert not (tmp_path / "hf").exists()
+
+
+# ---- torch files: formats and pickles that attack the loader ----------------------------------
+# Each builder takes (the good tiny file, a scratch dir, a marker dir) and returns the bad
+# file and the pattern of its one error line. The marker dir is where the attack would
+# leave its trace (a file written, a .patch, a changed mode); it must stay as it was.
+
+TORCH_CONTAINERS = [c for c, row in CONTAINERS.items() if row.format == "torch"]
+CONTAINER_KEYS = ("model_state", "model", "target_encoder")  # where each torch original keeps its weights
+
+
+def torchscript_archive(good, tmp, marker_dir):
+    return (hostile_files.torchscript_archive(tmp / good.name, marker_dir / "written-on-load"),
+            "is a TorchScript archive .*runs code when loaded; export a plain state dict")
+
+
+def legacy_unfilled_storages(good, tmp, marker_dir):
+    """The storage-key list is empty: torch's own legacy loader would hand out the
+    storages it allocated, uninitialised (heap bytes in model.safetensors)."""
+    payload = _read(good, "torch")
+    return (hostile_files.legacy_file(tmp / good.name, payload, keys=[]),
+            r"the file fills 0 storage\(s\) but its tensors use \d+: a storage it does not fill would hold "
+            r"uninitialised memory")
+
+
+def legacy_storages_beyond_the_file(good, tmp, marker_dir):
+    payload = _read(good, "torch")
+    return (hostile_files.legacy_file(tmp / good.name, payload, keys=[], drop_records=True),
+            r"its storages declare \d+ bytes, more than the file's \d+ bytes could fill")
+
+
+def legacy_module_persistent_id(good, tmp, marker_dir):
+    return (hostile_files.legacy_with_module_id(tmp / good.name, str(marker_dir / "patched")),
+            "not a readable torch checkpoint .*Can only build Tensor.*but got <class 'function'>")
+
+
+def legacy_tar_hard_link(good, tmp, marker_dir):
+    return hostile_files.legacy_tar(tmp / good.name, "storages", marker_dir / "victim"), "is a tar archive"
+
+
+def legacy_tar_fifo(good, tmp, marker_dir):
+    return hostile_files.legacy_tar(tmp / good.name, "storages"), "is a tar archive"
+
+
+def plain_tar(good, tmp, marker_dir):
+    return hostile_files.plain_tar(tmp / good.name), "is a tar archive"
+
+
+def compressed_record(good, tmp, marker_dir):
+    return (hostile_files.compressed_zip(tmp / good.name, zeros_mib=64),
+            r"record .*data/0 is compressed; torch.save never compresses")
+
+
+def build_on_torch_function(good, tmp, marker_dir):
+    return (hostile_files.torch_zip_with_pickle(tmp / good.name, hostile_files.defaults_poisoning()),
+            "not a readable torch checkpoint .*but got <class 'function'>")
+
+
+def escape_sequence_in_name(good, tmp, marker_dir):
+    pkl = hostile_files.reduce_call("yacs\x1b[2K\rdone", "CfgNode", "x")
+    return (hostile_files.torch_zip_with_pickle(tmp / good.name, pkl),
+            r"refusing to unpickle yacs\\x1b\[2K\\rdone.CfgNode")
+
+
+def deep_nesting(good, tmp, marker_dir):
+    return (hostile_files.torch_zip_with_pickle(tmp / good.name, hostile_files.deep_lists(200_000)),
+            "no state dict found")
+
+
+def broadcast_tensor(good, tmp, marker_dir):
+    """A stride-0 view of one element standing for 6e8 of them (2.4 GB once copied)."""
+    payload = _read(good, "torch")
+    weights = next(payload[k] for k in CONTAINER_KEYS if k in payload)
+    weights[next(iter(weights))] = torch.ones(1).expand(600_000_000)
+    return _write(payload, tmp / good.name, "torch"), r"of shape \(600000000,\) claims more bytes than its storage"
+
+
+def sparse_zeros(good, tmp, marker_dir):
+    path = tmp / good.name
+    with open(path, "wb") as fh:
+        fh.truncate(64 << 20)
+    return path, r"is not a readable torch checkpoint \(neither a torch zip archive nor a legacy torch file"
+
+
+TORCH_ATTACKS = [torchscript_archive, legacy_unfilled_storages, legacy_storages_beyond_the_file, legacy_module_persistent_id, legacy_tar_hard_link,
+                 legacy_tar_fifo, plain_tar, compressed_record, build_on_torch_function, escape_sequence_in_name,
+                 deep_nesting, broadcast_tensor, sparse_zeros]
+
+
+def _marker_dir(tmp_path) -> Path:
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    (marker_dir / "victim").write_text("victim")
+    os.chmod(marker_dir / "victim", 0o644)
+    return marker_dir
+
+
+def _assert_untouched(marker_dir: Path) -> None:
+    assert sorted(p.name for p in marker_dir.iterdir()) == ["victim"], "the file wrote outside --out"
+    assert (marker_dir / "victim").stat().st_mode & 0o7777 == 0o644 and (marker_dir / "victim").read_text() == "victim"
+
+
+def _one_error(code: int, err: str, pattern: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1 and re.search(pattern, errors[0]), err
+    assert "Traceback" not in err and "\x1b" not in err, err
+
+
+@pytest.mark.parametrize("attack", TORCH_ATTACKS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("container", TORCH_CONTAINERS)
+def test_torch_attack_gives_one_clear_error(container, attack, tiny_cli, tmp_path, capsys, monkeypatch):
+    row = CONTAINERS[container]
+    marker_dir = _marker_dir(tmp_path)
+    monkeypatch.chdir(marker_dir)  # torch's old loader wrote .patch files to the working directory
+    path, pattern = attack(harness.case(row.variant).checkpoint, _scratch(tmp_path), marker_dir)
+    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "work" / "hf"))
+    _one_error(code, err, pattern)
+    _assert_untouched(marker_dir)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("container", TORCH_CONTAINERS)
+def test_shared_references_convert_in_bounded_time(container, tiny_cli, tmp_path, capsys):
+    """`L = [L, L]` forty levels deep (2**40 paths, 300 bytes) beside an inert config:
+    the walk that names inert objects visits each container once."""
+    row = CONTAINERS[container]
+    payload = _read(harness.case(row.variant).checkpoint, "torch")
+    dag: list = []
+    for _ in range(40):
+        dag = [dag, dag]
+    payload["extra"] = {"dag": dag, "config": TrainingConfig(lr=0.1)}
+    path = _write(payload, _scratch(tmp_path) / "ckpt.pth", "torch")
+    code, err, messages = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert any("extra.config" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("container", TORCH_CONTAINERS)
+def test_numpy_object_array_is_never_allocated(container, tiny_cli, tmp_path, capsys):
+    """A numpy object array declaring 2.5e8 elements (2 GB of None) beside the weights:
+    numpy arrays in a torch file stay inert records, nothing is allocated."""
+    import numpy as np
+
+    row = CONTAINERS[container]
+    payload = _read(harness.case(row.variant).checkpoint, "torch")
+    payload["stats"] = np.empty(3, dtype=object)
+    path = _write(payload, _scratch(tmp_path) / "ckpt.pth", "torch")
+    # the pickled shape (3,) becomes (250000000,)
+    path = hostile_files.replace_records(path, {"data.pkl": _declare_shape(_zip_record(path, "data.pkl"), 3, 250_000_000)})
+    code, err, messages = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert any("stats (numpy" in m for m in messages), messages
+
+
+def _zip_record(path: Path, suffix: str) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("/" + suffix)))
+
+
+def _declare_shape(pkl: bytes, old: int, new: int) -> bytes:
+    """numpy pickles an array's shape as a tuple of BININT1/BININT: swap the first
+    `(old,)` for `(new,)` (the shape follows the ndarray's _reconstruct call)."""
+    import struct
+
+    at = pkl.index(b"K" + bytes([old]) + b"\x85")
+    return pkl[:at] + b"J" + struct.pack("<i", new) + pkl[at + 2:]
+
+
+def test_protocol_2_set_in_a_yacs_config_converts(tiny_cli, tmp_path, capsys):
+    """torch.save writes protocol 2, where a set is `__builtin__.set`: X-CLIP's real
+    training config (a yacs CfgNode holding one) loads as inert data."""
+    import yacs.config
+
+    row = CONTAINERS["torch-training-config"]
+    payload = _read(harness.case(row.variant).checkpoint, "torch")
+    config = yacs.config.CfgNode({"MODEL": {"ARCH": "ViT-B/32"}, "TRAIN": {"LR": 8e-6}})
+    config.register_deprecated_key("MODEL.OLD")  # yacs keeps these in a set
+    payload["config"] = config
+    path = _write(payload, _scratch(tmp_path) / "ckpt.pth", "torch")
+    assert b"c__builtin__\nset\n" in _zip_record(path, "data.pkl")
+    code, err, messages = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert any("config (yacs.config.CfgNode)" in m for m in messages), messages
+
+
+def test_hostile_file_cannot_change_how_the_next_loads(tmp_path):
+    """A file that BUILDs on torch's rebuild function (its __defaults__), then a good one,
+    in one process: the good file's tensors are bit-identical to a fresh process's."""
+    import subprocess
+    import sys
+
+    good = harness.case(CONTAINERS["torch-pyth"].variant).checkpoint
+    hostile = hostile_files.torch_zip_with_pickle(tmp_path / "hostile.pth", hostile_files.defaults_poisoning())
+    script = ("import sys, hashlib, torch\n"
+              "from converters import torch_files\n"
+              "for p in sys.argv[1:-1]:\n"
+              "    try: torch_files.load_torch_checkpoint(p)\n"
+              "    except Exception as e: print(type(e).__name__)\n"
+              "sd = torch_files.load_torch_checkpoint(sys.argv[-1])['model_state']\n"
+              "print(hashlib.sha256(b''.join(v.numpy().tobytes() for k, v in sorted(sd.items()))).hexdigest())\n")
+    run = lambda *files: subprocess.run([sys.executable, "-c", script, *map(str, files)], capture_output=True,
+                                        text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    after_hostile, fresh = run(hostile, hostile, good), run(good)
+    assert after_hostile[:2] == ["CheckpointError", "CheckpointError"] and after_hostile[-1] == fresh[-1]
+
+
+# ---- what --checkpoint may name -----------------------------------------------------------------
+
+def _fifo(tmp):
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
+CHECKPOINT_PATHS = {
+    "directory": (lambda tmp: tmp, "is a directory, not a checkpoint file"),
+    "dev-zero": (lambda tmp: Path("/dev/zero"), "is a character device, not a checkpoint file"),
+    "dev-urandom": (lambda tmp: Path("/dev/urandom"), "is a character device, not a checkpoint file"),
+    "fifo": (_fifo, "is a FIFO, not a checkpoint file"),
+    "name-too-long": (lambda tmp: tmp / ("x" * 300), "cannot be read: File name too long"),
+}
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_PATHS)
+def test_odd_checkpoint_path_gives_one_error_line(kind, tiny_cli, tmp_path, capsys):
+    make, pattern = CHECKPOINT_PATHS[kind]
+    code, err, _ = tiny_cli(capsys, CONTAINERS["torch-pyth"], "--checkpoint", str(make(_scratch(tmp_path))),
+                            "--out", str(tmp_path / "work" / "hf"))
+    _one_error(code, err, pattern)
+    assert not (tmp_path / "work").exists()
+
+
+# ---- what --out may name -------------------------------------------------------------------------
+# Each returns (argv after the checkpoint, pattern). The checkpoint sits in tmp/in with
+# a neighbour; neither may change.
+
+def _out_cases(tmp: Path, ckpt: Path) -> dict:
+    (tmp / "regular-file").write_text("x")
+    (tmp / "target").mkdir()
+    (tmp / "target" / "mine.txt").write_text("mine")
+    os.symlink(tmp / "target", tmp / "link")
+    return {
+        "checkpoint-directory": (["--out", str(ckpt.parent), "--overwrite"], "holds the checkpoint"),
+        "ancestor-of-checkpoint": (["--out", str(tmp), "--overwrite"], "holds the checkpoint"),
+        "working-directory": (["--out", ".", "--overwrite"], "is the working directory or contains it"),
+        "ancestor-of-working-directory": (["--out", "..", "--overwrite"], "is the working directory or contains it"),
+        "symlink": (["--out", str(tmp / "link"), "--overwrite"], "is a symbolic link"),
+        "parent-is-a-file": (["--out", str(tmp / "regular-file" / "hf")], "is not a directory"),
+        "name-too-long": (["--out", str(tmp / ("x" * 300))], "File name too long"),
+        "unwritable-parent": (["--out", "/proc/convert-parity-out"], "cannot write the output next to"),
+        "user-files-with-overwrite": (["--out", str(tmp / "target"), "--overwrite"],
+                                      r"holds files a conversion does not write \(.*\); refusing to replace it"),
+    }
+
+
+OUT_CASES = [
+    "checkpoint-directory", "ancestor-of-checkpoint", "working-directory", "ancestor-of-working-directory", "symlink", "parent-is-a-file",
+    "name-too-long", "unwritable-parent", "user-files-with-overwrite"]
+
+
+@pytest.mark.parametrize("kind", OUT_CASES)
+def test_odd_output_path_gives_one_error_line(kind, tiny_cli, tmp_path, tmp_path_factory, capsys, monkeypatch):
+    row = CONTAINERS["torch-pyth"]
+    scratch = _scratch(tmp_path)
+    ckpt = scratch / "ckpt.pyth"
+    ckpt.write_bytes(harness.case(row.variant).checkpoint.read_bytes())
+    (scratch / "neighbour.txt").write_text("neighbour")
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    argv, pattern = _out_cases(tmp_path, ckpt)[kind]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(ckpt), *argv)
+    _one_error(code, err, pattern)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "something outside --out changed"
+    assert ckpt.read_bytes() == harness.case(row.variant).checkpoint.read_bytes()
+    assert (tmp_path / "target" / "mine.txt").read_text() == "mine"

@@ -63,6 +63,7 @@ def test_port_difference():
 """
 
 
+@pytest.mark.slow
 def test_results_file_written_once_under_xdist(tmp_path, stand_in_suite):
     """Two workers, one results file with every check's row, status, diffs and the versions."""
     out = tmp_path / "results.json"

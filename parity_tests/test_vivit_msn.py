@@ -34,6 +34,7 @@ def grouped(*names):
 
 # A fifth of the profile's examples: flax runs eagerly here and compiles each op for every new
 # shape (~0.8 s an example); the layout maps themselves are covered in test_properties.py.
+@pytest.mark.slow
 @settings(max_examples=max(4, settings().max_examples // 5))
 @given(heads=st.integers(1, 4), head_dim=st.integers(1, 8), tokens=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_vivit_attention_layout_matches_flax_layer(heads, head_dim, tokens, seed):

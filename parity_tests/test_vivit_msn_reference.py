@@ -89,6 +89,7 @@ def _shapes(tree):
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), tree)
 
 
+@pytest.mark.slow
 def test_vivit_full_size_tree():
     hp = vivit.full_size_hparams()
     assert (hp.image_size, hp.num_frames, hp.tubelet, hp.hidden_size, hp.num_layers,
@@ -164,6 +165,7 @@ def test_vivit_mlp_uses_tanh_gelu(vv):
     assert np.abs(got - erf_out).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_vivit_full_forward_matches_numpy(vv):
     """cls before pos-emb, t-major tokens, pre-norm blocks, token-0 head."""
     hp, module, params, video = vv
