@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import _weights_only_unpickler as weights_only
 
+from .array_trees import MAX_NODES
 from .errors import CheckpointError, shown
 from .input_files import check_input_file
 
@@ -356,8 +357,6 @@ def _load_legacy(path: Path, size: int, made: dict[int, InertRecord]) -> Any:
 
 
 # ---- walking what was loaded ----------------------------------------------------------
-
-MAX_NODES = 1_000_000
 
 
 def _find_inert(obj: Any, made: Mapping[int, InertRecord]) -> Iterator[tuple[str, str]]:
