@@ -192,3 +192,18 @@ def _same_tuple(got, want) -> bool:
     if isinstance(want, tuple):
         return len(got) == len(want) and all(abs(a - b) <= 1e-9 for a, b in zip(got, want))
     return _same(got, want)
+
+
+def test_checkpoint_is_the_one_the_original_publishes(any_variant):
+    """The source URL (or its share / Drive id) and the file name are the ones the original's README or
+    colab gives, so a conversion reads the file the table's numbers describe."""
+    (where, filename), source = orig.RELEASED_FILES[any_variant.name].value, orig.RELEASED_FILES[any_variant.name].source
+    url = any_variant.source.url
+    if where.startswith("http"):
+        assert url == where, source
+    elif any_variant.name == "timesformer-base-finetuned-k400":  # the Drive copy; the README's name
+        assert "drive.google.com" in url, source
+    else:
+        assert f"{where}/" in url or f"id={where}&" in url, (url, source)
+    if filename is not None:
+        assert any_variant.source.filename == filename, source
