@@ -191,7 +191,7 @@ def _safe_globals_for(names: list[str], made: dict[int, InertRecord]) -> list[tu
 
 # ---- the file's format --------------------------------------------------------------
 
-def _format_of(path: Path, head: bytes) -> str:
+def _format_of(head: bytes) -> str:
     if head.startswith(_ZIP_MAGIC):
         return "zip"
     if len(head) >= 262 and head[257:262] == b"ustar":
@@ -247,7 +247,7 @@ def load_torch_checkpoint(path: str | os.PathLike, mmap: bool = True) -> Any:
     size = check_input_file(path)
     with open(path, "rb") as fh:
         head = fh.read(512)
-    fmt = _format_of(path, head)
+    fmt = _format_of(head)
     if fmt == "tar":
         raise CheckpointError(f"{path} is a tar archive (torch's legacy tar format from before 0.4, or no "
                               f"checkpoint at all), which this tool does not read: extracting one can create links "
