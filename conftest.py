@@ -233,7 +233,7 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workerinput") or not _RESULTS:
         return  # xdist workers report to the controller; nothing ran, nothing to write
-    from converters.report import write_results
+    from parity_harness.report import write_results
 
     write_results(session.config.getoption("--results"), _RESULTS)
 

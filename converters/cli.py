@@ -132,7 +132,8 @@ def cmd_matrix(args) -> int:
     the original run with the port's structure) and whether the converted model
     reproduces the original as released."""
     try:
-        from fixtures import golden, harness
+        from fixtures import harness
+        from parity_harness import golden
     except ImportError:
         raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
     from .registry import convertible_variants
@@ -173,7 +174,7 @@ def cmd_matrix(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from parity_harness.report import build_report
 
     files = build_report(args.results, args.out)
     for kind, path in files.items():

@@ -189,8 +189,8 @@ VARIANTS = tuple(_variant(name) for name in _MODELS)
 # against the original run with the port's structure). Causes read in transformers 5.23
 # modeling_perceiver.py and deepmind-research f5de0ed; sizes: the tiny model from the matrix
 # (`convert-parity matrix`, held to the record by parity_tests/test_perceiver.py), full
-# size from `python -m fixtures.perceiver_full_size` (random weights, seed 0, one input).
-_MEASURED_BY = "convert-parity matrix (tiny) and python -m fixtures.perceiver_full_size (full size)"
+# size from `python -m parity_tools.perceiver_full_size` (random weights, seed 0, one input).
+_MEASURED_BY = "convert-parity matrix (tiny) and python -m parity_tools.perceiver_full_size (full size)"
 KNOWN_DIVERGENCES = {
     "vision-perceiver-learned": KnownDivergence(
         cause="HF decoder hard-codes the query residual",

@@ -72,7 +72,7 @@ def test_the_same_nan_on_both_sides_is_still_a_mismatch():
 def test_nan_logits_fail_parity_and_golden():
     """A converted weight that makes every logit NaN (the issue's BatchNorm swap does this
     to the conv Perceiver) fails the parity and golden comparisons the matrix runs."""
-    from fixtures import golden
+    from parity_harness import golden
 
     c = harness.case("timesformer-base-finetuned-k400")
     model = type(c.hf_model())(c.hf_config()).eval()

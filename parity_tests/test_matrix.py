@@ -15,7 +15,8 @@ import transformers
 
 from converters import output_dir, pipeline
 from converters.registry import convertible_variants, family_module, known_divergence
-from fixtures import golden, harness
+from fixtures import harness
+from parity_harness import golden
 
 pytestmark = pytest.mark.parity
 

@@ -1,4 +1,4 @@
-"""The mutation tool's own checks (fixtures/mutation.py): the mutants it plants are the
+"""The mutation tool's own checks (parity_tools/mutation.py): the mutants it plants are the
 kinds the issue planted, each one edit of valid Python; running them is the tool's job,
 not the suite's (minutes per mutant)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ast
 
 import pytest
 
-from fixtures import mutation
+from parity_tools import mutation
 
 
 @pytest.mark.slow

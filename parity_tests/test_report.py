@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from converters import report
+from parity_harness import report
 
 
 
