@@ -202,7 +202,7 @@ _RESULTS: list[dict] = []
 
 @pytest.fixture
 def record_diffs(request):
-    """Call with a list of fixtures.harness.Diff to put them in the results file."""
+    """Call with a list of parity_harness.compare.Diff to put them in the results file."""
     def record(diffs):
         for d in diffs:
             finite = d.nonfinite == 0  # JSON has no inf: a non-finite output is recorded as None and counted

@@ -134,6 +134,7 @@ def cmd_matrix(args) -> int:
     try:
         from fixtures import harness
         from parity_harness import golden
+        from parity_harness.compare import compare_outputs
     except ImportError:
         raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
     from .registry import convertible_variants
@@ -147,10 +148,10 @@ def cmd_matrix(args) -> int:
         c = harness.case(v.name)
         tol = c.adapter.tolerance
         outputs = c.hf_outputs()
-        vs_diffs = harness.compare_outputs(c.reference, outputs, **tol)
-        weights = harness.compare_outputs(harness.weights_reference(c), outputs, **tol)
+        vs_diffs = compare_outputs(c.reference, outputs, **tol)
+        weights = compare_outputs(harness.weights_reference(c), outputs, **tol)
         record = golden.read(v.name)
-        drift = (max(d.max_abs for d in harness.compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
+        drift = (max(d.max_abs for d in compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
                  if record else float("nan"))
         weights_ok = all(d.ok for d in weights)
         vs_text, vs_ok = _vs_original(v, vs_diffs)

@@ -21,12 +21,6 @@ from .rename import rename_keys, rules
 
 FAMILY = "perceiver"
 MODEL_CLASS = None  # per variant: config["model_class"]
-# float32 on both sides. The Fourier position features (frequencies up to res/2 = 112)
-# carry up to 1e-4 of float32 phase rounding in either implementation (8.4e-5 Haiku,
-# 2.8e-5 torch, against float64), which reaches the tiny fourier model's logits as
-# 4.1e-5; every other tiny output differs by at most 1.2e-5. The hub configs' exact
-# GELU is 4.3e-4 or more away from the original on every tiny model.
-TOLERANCE = dict(atol=5e-5, rtol=1e-4)
 
 _GCS = "https://storage.googleapis.com/perceiver_io/"
 # Every original runs jax.nn.gelu (deepmind-research perceiver/perceiver.py MLP, line 199 at

@@ -15,7 +15,6 @@ from .rename import apply_renames, prefixed, rules
 
 FAMILY = "timesformer"
 MODEL_CLASS = "TimesformerForVideoClassification"
-TOLERANCE = dict(atol=2e-5, rtol=1e-4)  # float32, same op order as the original up to GEMM blocking
 
 _SIZES = {  # name: (image size, frames); all are ViT-B/16 (768 wide, 12 layers, 12 heads)
     "base": (224, 8),

@@ -27,11 +27,6 @@ from .rename import Rule, apply_renames, prefixed, rename_keys, rules
 
 FAMILY = "vivit"
 MODEL_CLASS = "VivitForVideoClassification"
-# Flax/XLA vs torch in float32: the same maps through other kernels (einsum vs Linear,
-# XLA conv vs Conv3d, other summation orders), so rounding differs. Measured on the tiny
-# model: max abs 1.1e-6 on logits up to 3.3 (the same on transformers 4.57.6 and 5.23.0);
-# exact GELU instead of the tanh one is 5.4e-4, far outside.
-TOLERANCE = dict(atol=2e-5, rtol=1e-4)
 
 _URL = "https://storage.googleapis.com/scenic-bucket/vivit/kinetics_400/vivit_base_16x2_unfactorized/checkpoint"
 _VIDEO = "hf://datasets/hf-internal-testing/spaghetti-video/eating_spaghetti_32_frames.npy"

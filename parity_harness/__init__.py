@@ -1,4 +1,4 @@
 """The parity harness: comparing outputs, goldens, the results file and the report.
 
-The product (`converters`) never imports it; the references (`parity_fixtures`, the
-`fixtures/` directory) and the tests (`parity_tests/`) do."""
+The conversion path never imports it (the `matrix` command does); the references
+(`fixtures/`) and the tests (`parity_tests/`) do."""

@@ -27,7 +27,9 @@ import transformers
 from converters import clip_tokenizer, downloads, xclip
 from converters.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, VOCAB_SIZE
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare_outputs
 from fixtures.catalogue import CONTAINERS
+from parity_harness.tolerances import TOLERANCE
 
 CORPUS = json.loads((Path(__file__).parents[1] / "fixtures" / "clip_tokenizer_corpus.json").read_text())
 # Distinct texts in corpus order ("eating spaghetti" and "situp" are in two sections each).
@@ -282,8 +284,8 @@ def test_tokenizers_feed_the_models_alike(converter_tokenizer, original_clip):
     with torch.no_grad():
         got = hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=video)
     want = xclip_original.forward_outputs(original, video, original_batch(original_clip, texts))
-    harness.assert_parity(harness.compare_outputs({"logits_per_video": want["logits_per_video"]},
-                                                  {"logits_per_video": got.logits_per_video}, **xclip.TOLERANCE))
+    assert_parity(compare_outputs({"logits_per_video": want["logits_per_video"]},
+                                                  {"logits_per_video": got.logits_per_video}, **TOLERANCE["xclip"]))
 
 
 # ---- through the command line ----------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from converters import timesformer
 from converters.rename import apply_renames, rules
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare, compare_outputs
 
 
 def _swap_targets(table, a: str, b: str):
@@ -35,13 +36,13 @@ def test_broken_conversion_fails_parity(mutation):
     original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint, map_location="cpu")["model_state"].items()}
     model = type(c.hf_model())(c.hf_config()).eval()
     model.load_state_dict(MUTATIONS[mutation](original))
-    diffs = harness.compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
     with pytest.raises(AssertionError, match=r"logits: \d+/800 elements out of tolerance .*max abs diff .* at index \(\d+, \d+\), max rel diff"):
-        harness.assert_parity(diffs, "mutated")
+        assert_parity(diffs, "mutated")
 
 
 def test_compare_reports_place_and_size():
-    d = harness.compare("x", torch.zeros(2, 3), torch.tensor([[0, 0, 0], [0, 0.5, 0]]), atol=1e-3, rtol=0)
+    d = compare("x", torch.zeros(2, 3), torch.tensor([[0, 0, 0], [0, 0.5, 0]]), atol=1e-3, rtol=0)
     assert (d.max_abs, d.index, d.mismatched, d.total) == (0.5, (1, 1), 1, 6)
 
 
@@ -53,19 +54,19 @@ def test_nan_and_inf_in_either_side_are_mismatches(side):
     planted = clean.clone()
     planted[0, 2], planted[1, 0] = float("nan"), float("inf")
     e, a = (planted, clean) if side == "expected" else (clean, planted)
-    d = harness.compare("logits", e, a, atol=1e-3, rtol=1e-3)
+    d = compare("logits", e, a, atol=1e-3, rtol=1e-3)
     assert (d.ok, d.mismatched, d.nonfinite, d.index, d.max_abs) == (False, 2, 2, (0, 2), float("inf"))
     assert f"2 non-finite values (NaN in {side} at index (0, 2))" in d.describe()
     only_inf = clean.clone()
     only_inf[1, 1] = float("-inf")
-    d = harness.compare("logits", only_inf, clean, 1e-3, 0) if side == "expected" else \
-        harness.compare("logits", clean, only_inf, 1e-3, 0)
+    d = compare("logits", only_inf, clean, 1e-3, 0) if side == "expected" else \
+        compare("logits", clean, only_inf, 1e-3, 0)
     assert f"1 non-finite values (-inf in {side} at index (1, 1))" in d.describe()
 
 
 def test_the_same_nan_on_both_sides_is_still_a_mismatch():
     both = torch.tensor([1.0, float("nan"), float("inf")])
-    d = harness.compare("x", both, both.clone(), 1e-3, 1e-3)
+    d = compare("x", both, both.clone(), 1e-3, 1e-3)
     assert (d.ok, d.mismatched, d.nonfinite) == (False, 2, 2)
 
 
@@ -82,10 +83,10 @@ def test_nan_logits_fail_parity_and_golden():
     outputs = c.adapter.hf_outputs(model, c.inputs)
     with pytest.raises(AssertionError, match=r"logits: 800/800 elements out of tolerance .* 800 non-finite values "
                                              r"\(NaN in actual at index \(0, 0\)\)"):
-        harness.assert_parity(harness.compare_outputs(c.reference, outputs, **c.adapter.tolerance))
+        assert_parity(compare_outputs(c.reference, outputs, **c.adapter.tolerance))
     record = golden.read(c.variant.name)
     with pytest.raises(AssertionError, match="800 non-finite values"):
-        harness.assert_parity(harness.compare_outputs(record["arrays"], {k: v.numpy() for k, v in outputs.items()},
+        assert_parity(compare_outputs(record["arrays"], {k: v.numpy() for k, v in outputs.items()},
                                                       **c.adapter.tolerance))
 
 

@@ -16,6 +16,7 @@ import transformers
 from converters import output_dir, pipeline
 from converters.registry import convertible_variants, family_module, known_divergence
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare, compare_outputs
 from parity_harness import golden
 
 pytestmark = pytest.mark.parity
@@ -31,9 +32,9 @@ def test_logits_parity(variant, record_diffs, request):
     if known := known_divergence(variant):
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"HF port differs: {known.describe()}"))
     c = harness.case(variant.name)
-    diffs = harness.compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{variant.name} original vs HF")
+    assert_parity(diffs, f"{variant.name} original vs HF")
 
 
 @pytest.mark.parametrize("diverging", [
@@ -43,9 +44,9 @@ def test_weight_mapping_parity(diverging, record_diffs):
     """For a variant whose port is known to diverge, the weight mapping on its own: the HF
     model against the original's weights run with the HF class's structure."""
     c = harness.case(diverging.name)
-    diffs = harness.compare_outputs(harness.weights_reference(c), c.hf_outputs(), **c.adapter.tolerance)
+    diffs = compare_outputs(harness.weights_reference(c), c.hf_outputs(), **c.adapter.tolerance)
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{diverging.name} original with the port's structure vs HF")
+    assert_parity(diffs, f"{diverging.name} original with the port's structure vs HF")
 
 
 def test_output_shape(variant):
@@ -95,7 +96,7 @@ def test_round_trip(variant, tmp_path):
     in_memory = c.hf_outputs()
     for model in (loaded, reloaded):
         for key, value in c.hf_outputs(model).items():
-            assert torch.equal(value, in_memory[key]), harness.compare(key, in_memory[key], value, 0, 0).describe()
+            assert torch.equal(value, in_memory[key]), compare(key, in_memory[key], value, 0, 0).describe()
     assert _architecture(reloaded.config) == _architecture(loaded.config) == _architecture(c.hf_config())
 
 
@@ -133,12 +134,12 @@ def test_golden(variant, update_golden, record_diffs):
         return
     record = golden.read(variant.name)
     assert record is not None, f"no golden for {variant.name}: run the README's golden command"
-    diffs = harness.compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
+    diffs = compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
     record_diffs(diffs)
     made, now = record["made_with"], golden.versions()
     context = (f"{variant.name} drifted from its golden (made with torch {made['torch']}, transformers "
                f"{made['transformers']}; running torch {now['torch']}, transformers {now['transformers']})")
-    harness.assert_parity(diffs, context)
+    assert_parity(diffs, context)
     moved = [d for d in diffs if d.max_abs > 0]
     if moved and (made["torch"], made["transformers"]) != (now["torch"], now["transformers"]):
         warnings.warn(golden.GoldenDrift(f"{context}, within tolerance: " + "; ".join(d.describe() for d in moved)))
@@ -162,6 +163,6 @@ def test_port_difference_other_frame_count(timesformer_variant, record_diffs):
     c = harness.case(variant.name)
     video = c.inputs[:, :, : c.spec["num_frames"] // 2]  # (B, C, T, H, W): half the frames
     reference = c.adapter.reference_outputs(harness.adapter(variant.family).build(c.spec, harness.SEED), video)
-    diffs = harness.compare_outputs(reference, c.adapter.hf_outputs(c.hf_model(), video), **c.adapter.tolerance)
+    diffs = compare_outputs(reference, c.adapter.hf_outputs(c.hf_model(), video), **c.adapter.tolerance)
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{variant.name}, half the frames")
+    assert_parity(diffs, f"{variant.name}, half the frames")

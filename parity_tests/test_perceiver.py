@@ -24,10 +24,12 @@ from hypothesis import strategies as st
 from converters import errors, perceiver, pipeline
 from converters.registry import get_variant, known_divergence
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare, compare_outputs
 from fixtures import parity_perceiver as pp
 from fixtures import perceiver_original as orig
+from parity_harness.tolerances import TOLERANCE
 
-TOL = perceiver.TOLERANCE
+TOL = TOLERANCE["perceiver"]
 DIVERGING = sorted(perceiver.KNOWN_DIVERGENCES)
 
 
@@ -57,7 +59,7 @@ def _hf_model(name: str, hidden_act: str):
 
 
 def _check(expected: dict, actual: dict, context: str) -> None:
-    harness.assert_parity(harness.compare_outputs(expected, actual, **TOL), context)
+    assert_parity(compare_outputs(expected, actual, **TOL), context)
 
 
 # ---- GELU: the original is tanh, the published hub configs exact ---------------------------
@@ -101,11 +103,11 @@ def test_known_divergence_is_the_measured_one(name):
     """The recorded tiny size is what the matrix measures now (converted vs original, within
     5%), and removing the port's structure from the original removes the difference."""
     c = harness.case(name)
-    diffs = harness.compare_outputs(c.reference, c.hf_outputs(), **TOL)
+    diffs = compare_outputs(c.reference, c.hf_outputs(), **TOL)
     measured = max(d.max_abs for d in diffs)
     recorded = known_divergence(c.variant)
     assert abs(measured - recorded.tiny_max_abs) <= 0.05 * recorded.tiny_max_abs, (measured, recorded)
-    harness.assert_parity(harness.compare_outputs(harness.weights_reference(c), c.hf_outputs(), **TOL),
+    assert_parity(compare_outputs(harness.weights_reference(c), c.hf_outputs(), **TOL),
                           f"{name}: the original with the port's structure")
 
 
@@ -162,7 +164,7 @@ def test_port_difference_conv_stem_size():
         same = F.conv2d(F.pad(x, (lo, hi, lo, hi)), weight, stride=2)
         hf = F.conv2d(stem.conv.zero_pad_2d(x), weight, stride=2)
         size = tuple(stem(x).shape[-2:])
-    conv = harness.compare("stem convolution", same, hf, **TOL)
+    conv = compare("stem convolution", same, hf, **TOL)
     assert size == _original_stem_size(224) and conv.ok, (
         f"HF stem output {size}, original {_original_stem_size(224)}; {conv.describe()}")
 
@@ -184,7 +186,7 @@ def test_port_difference_mlm_padded_query_positions():
     expected = _original_outputs(name)["logits"][~mask]
     with torch.no_grad():
         actual = pp.hf_forward(c.hf_model(), c.inputs)["logits"][~mask]
-    harness.assert_parity([harness.compare("padded_logits", expected, actual, **TOL)], "padded positions")
+    assert_parity([compare("padded_logits", expected, actual, **TOL)], "padded positions")
 
 
 @_group("language-perceiver")
@@ -217,7 +219,7 @@ def test_flow_output_is_the_models_not_the_colabs():
     original = _original_outputs(name)
     with torch.no_grad():
         hf = pp.hf_forward(c.hf_model(), c.inputs)["logits"]
-    harness.assert_parity([harness.compare("logits", original["logits"], hf, **TOL)], "flow model output")
+    assert_parity([compare("logits", original["logits"], hf, **TOL)], "flow model output")
     torch.testing.assert_close(original["flow"], 20 * original["logits"])
     assert (original["flow"] - hf).abs().max() > 10 * hf.abs().max(), "HF would include the colab's x20"
 

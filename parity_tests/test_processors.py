@@ -32,6 +32,7 @@ import pytest
 from converters import pipeline
 from converters.registry import all_variants, get_variant
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare
 from fixtures import original_hparams as hp
 from fixtures import original_preprocessing as op
 from parity_tests.test_configs import image_processor
@@ -198,9 +199,9 @@ def test_constants_and_channel_order(name, record_diffs):
     diffs = []
     for h, w in (SIZES[1], SIZES[2]):  # landscape and portrait; two frames, as a video
         hf, original = _run(name, _constant_frames(h, w, 2))
-        diffs.append(harness.compare(f"pixel_values {h}x{w}", original, hf, CONSTANT_TOLERANCE, 0))
+        diffs.append(compare(f"pixel_values {h}x{w}", original, hf, CONSTANT_TOLERANCE, 0))
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{name} processor vs the original's preprocessing (constant colour)")
+    assert_parity(diffs, f"{name} processor vs the original's preprocessing (constant colour)")
 
 
 @pytest.mark.parametrize("name", RGB_GROUPS)
@@ -213,9 +214,9 @@ def test_resize_and_crop_match_the_original(name, record_diffs):
     diffs = []
     for i, (h, w) in enumerate(sizes[:MAX_SIZES]):
         hf, original = _run(name, _smooth_frames(h, w, seed=i, frames=1))
-        diffs.append(harness.compare(f"pixel_values {h}x{w}", original, hf, TOLERANCE[family], 0))
+        diffs.append(compare(f"pixel_values {h}x{w}", original, hf, TOLERANCE[family], 0))
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{name} processor vs the original's preprocessing")
+    assert_parity(diffs, f"{name} processor vs the original's preprocessing")
 
 
 # Where the crop lands a pixel away, measured on the smooth frames (max abs, first two sizes each):
@@ -245,9 +246,9 @@ def test_port_difference_crop_rounding(name, record_diffs):
         if i >= 2:
             continue  # the geometry of every size, the pixels of two
         hf, original = _run(name, _smooth_frames(h, w, seed=100 + i, frames=1))
-        diffs.append(harness.compare(f"pixel_values {h}x{w}", original, hf, TOLERANCE[family], 0))
+        diffs.append(compare(f"pixel_values {h}x{w}", original, hf, TOLERANCE[family], 0))
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{name}: crop a pixel away from the original's")
+    assert_parity(diffs, f"{name}: crop a pixel away from the original's")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
@@ -258,9 +259,9 @@ def test_port_difference_crop_rounding(name, record_diffs):
 def test_port_difference_ssv2_channel_order(name, record_diffs):
     h, w = SIZES[0]
     hf, original = _run(name, _constant_frames(h, w, 1))
-    diffs = [harness.compare("pixel_values", original, hf, CONSTANT_TOLERANCE, 0)]
+    diffs = [compare("pixel_values", original, hf, CONSTANT_TOLERANCE, 0)]
     record_diffs(diffs)
-    harness.assert_parity(diffs, f"{name}: RGB processor vs the original's BGR frames")
+    assert_parity(diffs, f"{name}: RGB processor vs the original's BGR frames")
 
 
 # ---- frame sampling -----------------------------------------------------------------------------------

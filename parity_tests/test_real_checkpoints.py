@@ -14,6 +14,7 @@ import torch
 from converters import downloads, errors, pipeline
 from converters.registry import PublishedValues, family_module
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare
 
 pytestmark = pytest.mark.real_checkpoint
 
@@ -38,10 +39,10 @@ def check_published(variant, allow_downloads, workdir, monkeypatch, record=lambd
     model = pipeline.hf_model_class(variant).from_pretrained(out).eval()
     with torch.no_grad():
         outputs = family_module(variant.family).real_outputs(model, variant, files)
-    diffs = [harness.compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
+    diffs = [compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
              for p in published]
     record(diffs)
-    harness.assert_parity(diffs, f"{variant.name} against its published values")
+    assert_parity(diffs, f"{variant.name} against its published values")
 
 
 def test_published_values(variant, allow_downloads, tmp_path, monkeypatch, record_diffs):

@@ -17,6 +17,7 @@ from converters import downloads, state_dicts, torch_files, pipeline, vit_msn, v
 from converters.registry import PublishedValues, get_variant
 from converters.rename import RenameError
 from fixtures import harness
+from parity_harness.compare import assert_parity, compare_outputs
 from test_real_checkpoints import check_published
 
 VIVIT = "vivit-b-16x2-kinetics400"
@@ -78,7 +79,7 @@ def test_vivit_tanh_gelu_variants_agree():
     """HF's other tanh-approximation names compute the same model (rounding only)."""
     c = harness.case(VIVIT)
     for act in ("gelu_new", "gelu_pytorch_tanh"):
-        harness.assert_parity(harness.compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, act), c.inputs),
+        assert_parity(compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, act), c.inputs),
                                                       **c.adapter.tolerance), act)
 
 
@@ -89,7 +90,7 @@ def test_vivit_tanh_gelu_variants_agree():
     "gelu_fast: 1.1e-6). The field note's 4e-5 / 9e-8 were not reproduced."))
 def test_vivit_exact_gelu_breaks_parity():
     c = harness.case(VIVIT)
-    harness.assert_parity(harness.compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, "gelu"), c.inputs),
+    assert_parity(compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, "gelu"), c.inputs),
                                                   **c.adapter.tolerance), "exact gelu")
 
 
@@ -158,9 +159,9 @@ def test_msn_reads_target_encoder_not_encoder(name):
     assert target.keys() == c.converted.keys() and all(torch.equal(target[k], c.converted[k]) for k in target)
     model = pipeline.hf_model_class(c.variant)(c.hf_config()).eval()
     model.load_state_dict(pipeline.for_installed_transformers(c.variant, vit_msn.convert(_load_entry(c, "encoder"))))
-    diffs = harness.compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
     with pytest.raises(AssertionError, match="out of tolerance"):
-        harness.assert_parity(diffs, "encoder instead of target_encoder")
+        assert_parity(diffs, "encoder instead of target_encoder")
 
 
 # ---- key schema -------------------------------------------------------------------------------

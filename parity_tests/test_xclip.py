@@ -11,7 +11,9 @@ from hypothesis import given, strategies as st
 
 from converters import pipeline, reshape, xclip
 from fixtures import harness, parity_xclip, xclip_original
+from parity_harness.compare import assert_parity, compare_outputs
 from parity_tests.test_matrix import _converted_dir
+from parity_harness.tolerances import TOLERANCE
 
 pytestmark = pytest.mark.parity
 
@@ -45,8 +47,8 @@ def test_processor_offline_parity(xclip_variant, tmp_path):
     original_ids = F.pad(ids, (0, c.spec["max_position_embeddings"] - ids.shape[1]))
     reference = xclip_original.forward_outputs(c.adapter.build(c.spec, harness.SEED), inputs["pixel_values"],
                                                original_ids)
-    harness.assert_parity(harness.compare_outputs({"logits_per_video": reference["logits_per_video"]},
-                                                  {"logits_per_video": hf.logits_per_video}, **xclip.TOLERANCE))
+    assert_parity(compare_outputs({"logits_per_video": reference["logits_per_video"]},
+                                                  {"logits_per_video": hf.logits_per_video}, **TOLERANCE["xclip"]))
 
 
 def test_training_config_object_is_never_constructed(tmp_path):

@@ -1,0 +1,80 @@
+"""Comparing outputs: element-wise tolerance, the largest difference and where, and
+non-finite values counted as mismatches. Every parity, golden, round-trip and report
+check, and `convert --verify`, measures through here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Diff:
+    key: str
+    max_abs: float  # over the values finite on both sides; inf when any value is not
+    max_rel: float
+    index: tuple[int, ...]  # where the absolute difference is largest (the first non-finite value, if any)
+    mismatched: int  # out of tolerance, non-finite values included
+    total: int
+    atol: float
+    rtol: float
+    nonfinite: int = 0  # elements where either side is NaN or +-inf: always a mismatch
+    nonfinite_what: str = ""  # e.g. "NaN in actual", for the first of them
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0
+
+    def describe(self) -> str:
+        head = (f"{self.key}: {self.mismatched}/{self.total} elements out of tolerance "
+                f"(atol={self.atol:g}, rtol={self.rtol:g}); ")
+        if self.nonfinite:
+            return head + f"{self.nonfinite} non-finite values ({self.nonfinite_what} at index {self.index})"
+        return head + f"max abs diff {self.max_abs:.3g} at index {self.index}, max rel diff {self.max_rel:.3g}"
+
+
+def _nonfinite_kind(expected: torch.Tensor, actual: torch.Tensor, flat: int) -> str:
+    for side, t in (("expected", expected), ("actual", actual)):
+        v = float(t.reshape(-1)[flat])
+        if v != v:
+            return f"NaN in {side}"
+        if v in (float("inf"), float("-inf")):
+            return f"{'+' if v > 0 else '-'}inf in {side}"
+    return ""
+
+
+def compare(key: str, expected, actual, atol: float, rtol: float) -> Diff:
+    """Element-wise `|a - e| <= atol + rtol * |e|`. A NaN or infinite value on either
+    side is a mismatch (NaN fails every comparison, so `err > tol` alone would pass it),
+    and the message counts them and names the first."""
+    e = torch.as_tensor(np.asarray(expected), dtype=torch.float64)
+    a = torch.as_tensor(np.asarray(actual), dtype=torch.float64)
+    if e.shape != a.shape:
+        raise AssertionError(f"{key}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    nonfinite = ~(torch.isfinite(e) & torch.isfinite(a))
+    err = torch.where(nonfinite, 0.0, (a - e).abs())
+    rel = err / e.abs().clamp_min(1e-12)
+    bad = nonfinite | (err > atol + rtol * e.abs())
+    n_nonfinite = int(nonfinite.sum())
+    flat = int(nonfinite.reshape(-1).nonzero()[0]) if n_nonfinite else int(err.argmax()) if err.numel() else 0
+    index = tuple(int(i) for i in np.unravel_index(flat, tuple(e.shape))) if e.dim() else ()
+    max_abs = float("inf") if n_nonfinite else float(err.max()) if err.numel() else 0.0
+    max_rel = float("inf") if n_nonfinite else float(rel.max()) if rel.numel() else 0.0
+    return Diff(key, max_abs, max_rel, index, int(bad.sum()), e.numel(), atol, rtol,
+                n_nonfinite, _nonfinite_kind(e, a, flat) if n_nonfinite else "")
+
+
+def compare_outputs(expected: Mapping, actual: Mapping, atol: float, rtol: float) -> list[Diff]:
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        raise AssertionError(f"outputs missing on the HF side: {missing}")
+    return [compare(k, expected[k], actual[k], atol, rtol) for k in expected]
+
+
+def assert_parity(diffs: list[Diff], context: str = "") -> None:
+    failed = [d for d in diffs if not d.ok]
+    if failed:
+        head = f"{context}: " if context else ""
+        raise AssertionError(head + "; ".join(d.describe() for d in failed))

@@ -1,0 +1,27 @@
+"""Per family: how far the converted HF model may be from the original on the same input,
+element-wise `|hf - original| <= atol + rtol * |original|`. Each bound is the measured
+rounding gap of the two implementations (stated beside it) with room to spare."""
+
+TOLERANCE = {
+    # float32, same op order as the original up to GEMM blocking
+    "timesformer": dict(atol=2e-5, rtol=1e-4),
+    # float32, the same operations as the original but another attention kernel
+    # (nn.MultiheadAttention vs HF's eager attention): rounding only, measured at most
+    # 9.5e-7 over all 18 tiny variants (logits are cosines scaled by exp(logit_scale) ~ 14).
+    "xclip": dict(atol=1e-5, rtol=1e-4),
+    # Flax/XLA vs torch in float32: the same maps through other kernels (einsum vs Linear,
+    # XLA conv vs Conv3d, other summation orders), so rounding differs. Measured on the tiny
+    # model: max abs 1.1e-6 on logits up to 3.3 (the same on transformers 4.57.6 and 5.23.0);
+    # exact GELU instead of the tanh one is 5.4e-4, far outside.
+    "vivit": dict(atol=2e-5, rtol=1e-4),
+    # torch vs torch in float32, the same maps (one fused qkv Linear vs three, HF's attention
+    # kernel vs the original's matmuls): rounding only. Measured on the tiny models: at most
+    # 1.25e-6 on last_hidden_state (final LayerNorm output, values up to ~4), on 4.57.6 and 5.23.0.
+    "vit_msn": dict(atol=2e-5, rtol=1e-4),
+    # float32 on both sides. The Fourier position features (frequencies up to res/2 = 112)
+    # carry up to 1e-4 of float32 phase rounding in either implementation (8.4e-5 Haiku,
+    # 2.8e-5 torch, against float64), which reaches the tiny fourier model's logits as
+    # 4.1e-5; every other tiny output differs by at most 1.2e-5. The hub configs' exact
+    # GELU is 4.3e-4 or more away from the original on every tiny model.
+    "perceiver": dict(atol=5e-5, rtol=1e-4),
+}
