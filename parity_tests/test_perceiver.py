@@ -262,7 +262,7 @@ def _save(name: str, path, **kwargs):
 
 def _loads_like_the_matrix(name: str, path) -> None:
     c = harness.case(name)
-    converted = perceiver.convert(pipeline.load_original_state_dict(path, c.variant), c.spec)
+    converted = perceiver.FAMILY.convert(pipeline.load_original_state_dict(path, c.variant), c.spec)
     assert converted.keys() == c.converted.keys()
     assert all(torch.equal(converted[k], c.converted[k]) for k in converted)
 
