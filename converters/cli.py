@@ -47,11 +47,11 @@ def cmd_list(args) -> int:
             for v in variants]
     print(_table(rows, ["variant", "family", "config", "reproduces original", "source", "published reference"]))
     print(f"\n{len(variants)} variants")
-    for family in dict.fromkeys(v.family for v in variants):
-        hub = hub_config_values(next(v for v in variants if v.family == family))
-        if hub:
-            print(f"{family}: the converted config keeps the original's numerics; the published hub config has "
-                  f"{_changes(next(v for v in variants if v.family == family), hub)} and computes the published "
+    for name in dict.fromkeys(v.family for v in variants):
+        first = next(v for v in variants if v.family == name)
+        if hub := hub_config_values(first):
+            print(f"{name}: the converted config keeps the original's numerics; the published hub config has "
+                  f"{_changes(first, hub)} and computes the published "
                   f"values instead (convert --hub-config writes it)")
     return 0
 

@@ -170,7 +170,8 @@ def _variant(name: str) -> Variant:
         inputs=inputs,
         published=published,
         notes=f"{notes}; {_NUMERICS_NOTE}; checkpoint URL from the deepmind colab (the script reads a local "
-              "pickle; the loader here reads it with its own opcode table, which runs no code)",
+              "pickle; the loader here unpickles only containers and numeric arrays, nothing from the file runs: "
+              "converters/haiku_files.py)",
     )
 
 

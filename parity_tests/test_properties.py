@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from converters import pipeline, reshape
-from converters.registry import all_variants, families, family, get_variant
+from converters.registry import families, family, get_variant
 from converters.rename import RenameError, Rule, invert_rules, rename_keys, rules
 from fixtures import harness
 
