@@ -56,8 +56,12 @@ def test_vivit_attention_layout_matches_flax_layer(heads, head_dim, tokens, seed
     want = np.asarray(layer.apply({"params": params}, x, x))
 
     block = f"Transformer/encoderblock_0/{vivit._ATTN}"
-    w = {f"{name}.{kind}": vivit._to_torch_layout(f"{block}/{name}/{leaf}", torch.tensor(params[name][leaf]))
-         for name in shapes for leaf, kind in (("kernel", "weight"), ("bias", "bias"))}
+    converted = vivit.FAMILY.convert({f"{block}/{name}/{leaf}": torch.tensor(params[name][leaf])
+                                      for name in shapes for leaf in ("kernel", "bias")})
+    hf = {"query": "attention.attention.query", "key": "attention.attention.key",
+          "value": "attention.attention.value", "out": "attention.output.dense"}
+    w = {f"{name}.{kind}": converted[f"vivit.encoder.layer.0.{hf[name]}.{kind}"]
+         for name in shapes for kind in ("weight", "bias")}
     t = torch.tensor(x)
     q, k, v = (F.linear(t, w[f"{n}.weight"], w[f"{n}.bias"]).unflatten(-1, (heads, head_dim)).transpose(1, 2)
                for n in ("query", "key", "value"))
