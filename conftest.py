@@ -167,29 +167,29 @@ def allow_downloads(request) -> bool:
 def pytest_generate_tests(metafunc):
     """Parametrize by variant, with the variant name as the id, so `-k k600` or
     `-k hr` select what a user expects; every check of one variant shares an xdist
-    group. Fixtures: `variant` (every variant with a converter), `any_variant` (all
-    39), `<family>_variant` (one family's), `variant_container` (each further
-    container layout the family's original is seen in)."""
-    from converters.registry import FAMILY_MODULES, all_variants, convertible_variants
+    group. Fixtures: `variant` and `any_variant` (all 39), `<family>_variant` (one
+    family's), `variant_container` (each further container layout the family's
+    original is seen in)."""
+    from converters.registry import FAMILY_NAMES, all_variants
 
     def param(v, *extra, id=None):
         return pytest.param(v, *extra, id=id or v.name, marks=pytest.mark.xdist_group(v.name))
 
     names = set(metafunc.fixturenames)
     if "variant" in names:
-        metafunc.parametrize("variant", [param(v) for v in convertible_variants()])
+        metafunc.parametrize("variant", [param(v) for v in all_variants()])
     if "any_variant" in names:
         metafunc.parametrize("any_variant", [param(v) for v in all_variants()])
-    for family in FAMILY_MODULES:
+    for family in FAMILY_NAMES:
         if f"{family}_variant" in names:
             metafunc.parametrize(f"{family}_variant",
-                                 [param(v) for v in convertible_variants() if v.family == family])
+                                 [param(v) for v in all_variants() if v.family == family])
     if "variant_container" in names:
         from fixtures.harness import adapter
 
         metafunc.parametrize("variant_container", [
             pytest.param((v, c), id=f"{v.name}-{c}", marks=pytest.mark.xdist_group(v.name))
-            for v in convertible_variants() for c in adapter(v.family).containers[1:]])
+            for v in all_variants() for c in adapter(v.family).containers[1:]])
 
 
 # ---- results file -------------------------------------------------------------------

@@ -9,8 +9,7 @@ import warnings
 
 from . import errors
 from .errors import shown
-from .registry import (UnknownVariantError, all_variants, family_module, get_variant, hub_config_values,
-                       known_divergence)
+from .registry import UnknownVariantError, all_variants, family, get_variant, hub_config_values, known_divergence
 
 
 def _config_summary(v) -> str:
@@ -38,24 +37,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _original_summary(v) -> str:
     """Whether the converted model (default config) reproduces the original as released."""
-    if not hasattr(family_module(v.family), "convert"):
-        return "-"
     known = known_divergence(v)
     return "yes" if known is None else f"NO: {known.summary()}"
 
 
 def cmd_list(args) -> int:
     variants = [v for v in all_variants() if not args.family or v.family == args.family]
-    rows = [[v.name, v.family, "yes" if hasattr(family_module(v.family), "convert") else "data only",
-             _config_summary(v), _original_summary(v), v.source.url or "-", _reference_summary(v)] for v in variants]
-    print(_table(rows, ["variant", "family", "converter", "config", "reproduces original", "source",
-                        "published reference"]))
+    rows = [[v.name, v.family, _config_summary(v), _original_summary(v), v.source.url or "-", _reference_summary(v)]
+            for v in variants]
+    print(_table(rows, ["variant", "family", "config", "reproduces original", "source", "published reference"]))
     print(f"\n{len(variants)} variants")
-    for family in dict.fromkeys(v.family for v in variants):
-        hub = hub_config_values(next(v for v in variants if v.family == family))
-        if hub:
-            print(f"{family}: the converted config keeps the original's numerics; the published hub config has "
-                  f"{_changes(next(v for v in variants if v.family == family), hub)} and computes the published "
+    for name in dict.fromkeys(v.family for v in variants):
+        first = next(v for v in variants if v.family == name)
+        if hub := hub_config_values(first):
+            print(f"{name}: the converted config keeps the original's numerics; the published hub config has "
+                  f"{_changes(first, hub)} and computes the published "
                   f"values instead (convert --hub-config writes it)")
     return 0
 
@@ -71,8 +67,6 @@ def cmd_convert(args) -> int:
     from . import downloads, pipeline
 
     variant = get_variant(args.variant)
-    if not hasattr(family_module(variant.family), "convert"):
-        raise SystemExit(f"error: {variant.family} has no converter yet (variant {variant.name} is registry data only)")
     with downloads.forced_offline("--offline") if args.offline else contextlib.nullcontext():
         out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
                                     hub_config=args.hub_config, progress=lambda msg: print(msg, file=sys.stderr))
@@ -99,12 +93,12 @@ def _verify(variant, out) -> None:
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise SystemExit(f"verify failed: {problems}")
-    family = family_module(variant.family)
-    if not hasattr(family, "verify_inputs"):
+    verify_inputs = family(variant.family).verify_inputs
+    if verify_inputs is None:
         print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys", file=sys.stderr)
         return
     with torch.no_grad():
-        outputs = model.eval()(**family.verify_inputs(model.config))
+        outputs = model.eval()(**verify_inputs(model.config))
     bad = [k for k, v in outputs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
     if bad:
         raise SystemExit(f"verify failed: non-finite outputs {bad}")
@@ -137,11 +131,10 @@ def cmd_matrix(args) -> int:
         from parity_harness.compare import compare_outputs
     except ImportError:
         raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
-    from .registry import convertible_variants
 
-    variants = [v for v in convertible_variants() if not args.k or any(k in v.name for k in args.k)]
+    variants = [v for v in all_variants() if not args.k or any(k in v.name for k in args.k)]
     if not variants:
-        raise SystemExit(f"error: no convertible variant matches {args.k}")
+        raise SystemExit(f"error: no variant matches {args.k}")
     rows, weights_failed, vs_failed, diverging = [], 0, 0, 0
     for i, v in enumerate(variants, 1):
         t0 = time.perf_counter()

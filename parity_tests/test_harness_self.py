@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from converters import timesformer
-from converters.rename import apply_renames, rules
+from converters.rename import apply_rules, rules
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
 
@@ -16,17 +16,17 @@ from parity_harness.compare import assert_parity, compare, compare_outputs
 def _swap_targets(table, a: str, b: str):
     """The table with the targets of the rules whose source is `a` and `b` exchanged."""
     by_source = {r.source: r.target for r in table}
-    return rules(*((r.source, by_source[b] if r.source == a else by_source[a] if r.source == b else r.target)
+    return rules(*((r.source, by_source[b] if r.source == a else by_source[a] if r.source == b else r.target, r.op)
                    for r in table))
 
 
 MUTATIONS = {
-    "spatial<->temporal qkv": lambda sd: apply_renames(sd, _swap_targets(
-        timesformer.RENAMES, "blocks.{i}.attn.qkv.{p}", "blocks.{i}.temporal_attn.qkv.{p}")),
-    "norm1<->norm2": lambda sd: apply_renames(sd, _swap_targets(
-        timesformer.RENAMES, "blocks.{i}.norm1.{p}", "blocks.{i}.norm2.{p}")),
+    "spatial<->temporal qkv": lambda sd: apply_rules(sd, _swap_targets(
+        timesformer.RULES, "blocks.{i}.attn.qkv.{p}", "blocks.{i}.temporal_attn.qkv.{p}")),
+    "norm1<->norm2": lambda sd: apply_rules(sd, _swap_targets(
+        timesformer.RULES, "blocks.{i}.norm1.{p}", "blocks.{i}.norm2.{p}")),
     "temporal_fc transposed": lambda sd: {k: (v.T if k.endswith("temporal_dense.weight") else v)
-                                          for k, v in timesformer.convert(sd).items()},
+                                          for k, v in timesformer.FAMILY.convert(sd).items()},
 }
 
 

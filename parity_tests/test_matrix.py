@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from converters import output_dir, pipeline
-from converters.registry import convertible_variants, family_module, known_divergence
+from converters.registry import all_variants, family, known_divergence
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
 from parity_harness import golden
@@ -38,7 +38,7 @@ def test_logits_parity(variant, record_diffs, request):
 
 
 @pytest.mark.parametrize("diverging", [
-    pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.name)) for v in convertible_variants()
+    pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.name)) for v in all_variants()
     if known_divergence(v)])
 def test_weight_mapping_parity(diverging, record_diffs):
     """For a variant whose port is known to diverge, the weight mapping on its own: the HF
@@ -60,8 +60,8 @@ def _converted_dir(c: harness.Case) -> Path:
     """The product's output: the converted state dict written as from_pretrained reads it."""
     out = c.workdir / "converted"
     if not out.exists():
-        family = family_module(c.variant.family)
-        output_dir.save_converted(c.converted, c.hf_config(), out, processor=family.hf_processor(c.spec))
+        processor = family(c.variant.family).hf_processor(c.spec)
+        output_dir.save_converted(c.converted, c.hf_config(), out, processor=processor)
     return out
 
 
@@ -116,7 +116,7 @@ def test_full_size_structure(variant):
     full-size HF model's keys and shapes: nothing left over, nothing missing."""
     spec = pipeline.spec_of(variant)
     original = harness.adapter(variant.family).original_on_meta(spec)
-    converted = pipeline.for_installed_transformers(variant, family_module(variant.family).convert(original, spec))
+    converted = pipeline.for_installed_transformers(variant, family(variant.family).convert(original, spec))
     want = {k: tuple(v.shape) for k, v in harness.hf_state_on_meta(variant, spec).items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
     assert sorted(set(want) - set(got)) == [], "HF keys the conversion does not produce"

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from converters import errors, perceiver, pipeline
 from converters.registry import get_variant, known_divergence
+from converters.rename import apply_rules
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
 from fixtures import parity_perceiver as pp
@@ -262,7 +263,7 @@ def _save(name: str, path, **kwargs):
 
 def _loads_like_the_matrix(name: str, path) -> None:
     c = harness.case(name)
-    converted = perceiver.convert(pipeline.load_original_state_dict(path, c.variant), c.spec)
+    converted = perceiver.FAMILY.convert(pipeline.load_original_state_dict(path, c.variant), c.spec)
     assert converted.keys() == c.converted.keys()
     assert all(torch.equal(converted[k], c.converted[k]) for k in converted)
 
@@ -327,6 +328,13 @@ def test_non_container_haiku_global_is_refused(tmp_path):
 small = st.integers(min_value=1, max_value=5)
 
 
+def _relayout(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as its rule converts it, in the table of a class whose checkpoint holds `key`."""
+    table = next(t for t in perceiver.FAMILY.tables.values() if any(r.apply(key)[0] for r in t))
+    (converted,) = apply_rules({key: tensor}, table).values()
+    return converted
+
+
 def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -340,7 +348,7 @@ def test_conv_kernels_keep_their_spatial_axes(kh, kw, cin, cout, seed):
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                    precision=jax.lax.Precision.HIGHEST))
     for key in ("image_preprocessor/~/conv2_d_downsample/~/conv/w", "image_preprocessor/~/conv2_d/w"):
-        weight = perceiver._relayout(key, kernel)
+        weight = _relayout(key, kernel)
         (top, bottom), (left, right) = _tf_same(9, kh, 2), _tf_same(8, kw, 2)
         got = F.conv2d(F.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom)), weight, stride=2)
         np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), want, rtol=1e-4, atol=1e-4)
@@ -353,12 +361,12 @@ def test_linear_and_batchnorm_layouts(i, o, c, seed):
     w, x = _rand(i, o, seed=seed), _rand(3, i, seed=seed + 1)
     for key in ("perceiver_encoder/~/self_attention_3/attention/linear_2/w", "image_preprocessor/patches_linear/w",
                 "classification_decoder/~/basic_decoder/output/w"):
-        torch.testing.assert_close(F.linear(x, perceiver._relayout(key, w)), x @ w)
+        torch.testing.assert_close(F.linear(x, _relayout(key, w)), x @ w)
     stat = _rand(1, 1, 1, c, seed=seed + 2)
     bn = "image_preprocessor/~/conv2_d_downsample/~/batchnorm"
     for key in (f"{bn}/scale", f"{bn}/offset", f"state/{bn}/~/mean_ema/average", f"state/{bn}/~/var_ema/average"):
-        assert torch.equal(perceiver._relayout(key, stat), stat[0, 0, 0])
-    count = perceiver._relayout(f"state/{bn}/~/mean_ema/counter", torch.tensor(7, dtype=torch.int32))
+        assert torch.equal(_relayout(key, stat), stat[0, 0, 0])
+    count = _relayout(f"state/{bn}/~/mean_ema/counter", torch.tensor(7, dtype=torch.int32))
     assert count.dtype == torch.int64 and int(count) == 7
     pos = _rand(c, o, seed=seed + 3)  # position encodings and embeddings are used as stored
-    assert torch.equal(perceiver._relayout("embed/embeddings", pos), pos)
+    assert torch.equal(_relayout("embed/embeddings", pos), pos)

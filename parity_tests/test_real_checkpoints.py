@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from converters import downloads, errors, pipeline
-from converters.registry import PublishedValues, convertible_variants, family_module
+from converters.family import PublishedValues
+from converters.registry import all_variants, family
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare
 
@@ -38,7 +39,7 @@ def check_published(variant, allow_downloads, workdir, monkeypatch, record=lambd
     out = pipeline.convert_file(variant, str(checkpoint), workdir / "hf", hub_config=True, progress=lambda _: None)
     model = pipeline.hf_model_class(variant).from_pretrained(out).eval()
     with torch.no_grad():
-        outputs = family_module(variant.family).real_outputs(model, variant, files)
+        outputs = family(variant.family).real_outputs(model, variant, files)
     diffs = [compare(p.output, torch.tensor(p.values), harness.select(outputs, p.output), p.atol, 0.0)
              for p in published]
     record(diffs)
@@ -73,9 +74,8 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
     cached.parent.mkdir(parents=True)
     cached.write_bytes(c.checkpoint.read_bytes())
 
-    family = family_module(variant.family)
     tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
-    hf_input = family.real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
+    hf_input = family(variant.family).real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
     reference = c.adapter.reference_outputs(c.adapter.build(c.spec, harness.SEED),
                                             hf_input["pixel_values"].transpose(1, 2))
     expected = [PublishedValues(p.output, tuple(harness.select(reference, p.output).flatten().tolist()), 1e-4)
@@ -94,7 +94,7 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
 # to float rounding; test_processors.py compares them on real images).
 
 _PERCEIVER_TIER = [pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.name))
-                   for v in convertible_variants()
+                   for v in all_variants()
                    if v.family == "perceiver" and any(p.values is not None for p in v.published)]
 # deepmind-research perceiver/bytes_tokenizer.py: 6 reserved ids (pad 0, bos 1, eos 2, mask 3,
 # cls 4, sep 5), then each UTF-8 byte + 6. The hub tokenizer wraps a text in [CLS] ... [SEP].

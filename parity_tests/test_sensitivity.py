@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 
 from converters import pipeline
-from converters.registry import convertible_variants
+from converters.registry import all_variants
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare_outputs
 
 pytestmark = pytest.mark.parity
 
-FIRST_OF_FAMILY = [next(v.name for v in convertible_variants() if v.family == f)
+FIRST_OF_FAMILY = [next(v.name for v in all_variants() if v.family == f)
                    for f in ("timesformer", "xclip", "vivit", "vit_msn")]
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from converters import downloads, state_dicts, torch_files, pipeline, vit_msn, vivit
-from converters.registry import PublishedValues, get_variant
+from converters.family import PublishedValues
+from converters.registry import get_variant
 from converters.rename import RenameError
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare_outputs
@@ -55,8 +56,12 @@ def test_vivit_attention_layout_matches_flax_layer(heads, head_dim, tokens, seed
     want = np.asarray(layer.apply({"params": params}, x, x))
 
     block = f"Transformer/encoderblock_0/{vivit._ATTN}"
-    w = {f"{name}.{kind}": vivit._to_torch_layout(f"{block}/{name}/{leaf}", torch.tensor(params[name][leaf]))
-         for name in shapes for leaf, kind in (("kernel", "weight"), ("bias", "bias"))}
+    converted = vivit.FAMILY.convert({f"{block}/{name}/{leaf}": torch.tensor(params[name][leaf])
+                                      for name in shapes for leaf in ("kernel", "bias")})
+    hf = {"query": "attention.attention.query", "key": "attention.attention.key",
+          "value": "attention.attention.value", "out": "attention.output.dense"}
+    w = {f"{name}.{kind}": converted[f"vivit.encoder.layer.0.{hf[name]}.{kind}"]
+         for name in shapes for kind in ("weight", "bias")}
     t = torch.tensor(x)
     q, k, v = (F.linear(t, w[f"{n}.weight"], w[f"{n}.bias"]).unflatten(-1, (heads, head_dim)).transpose(1, 2)
                for n in ("query", "key", "value"))
@@ -114,14 +119,6 @@ def test_vivit_repeated_block_tree_is_the_traced_tree(layers):
     assert shapes(parity_vivit.original_on_meta(spec)) == shapes(parity_vivit.traced_on_meta(spec))
 
 
-def test_vivit_layout_rules_each_match_a_tree_key():
-    """Every layout rule is used by the real tree (a renamed flax module would
-    otherwise be copied untransposed and only fail on shapes, if at all)."""
-    keys = harness.adapter("vivit").original_on_meta(dict(get_variant(VIVIT).config))
-    for rule, op in vivit.LAYOUTS:
-        assert any(rule.apply(k)[0] for k in keys), rule.source
-
-
 @on_vivit
 def test_vivit_pre_logits_is_refused():
     """A scenic config with representation_size has pre_logits, which VivitForVideoClassification
@@ -129,7 +126,7 @@ def test_vivit_pre_logits_is_refused():
     tree = harness.adapter("vivit").original_on_meta(harness.case(VIVIT).spec)
     tree["pre_logits/kernel"] = torch.empty(32, 32, device="meta")
     with pytest.raises(RenameError, match="pre_logits/kernel"):
-        vivit.convert(tree)
+        vivit.FAMILY.convert(tree)
 
 
 # ---- ViT-MSN ----------------------------------------------------------------------------------
@@ -143,7 +140,7 @@ def test_msn_projection_head_is_dropped_on_purpose(name):
     kept = sum(v.numel() for k, v in original.items() if k not in head)
     assert sum(v.numel() for v in c.converted.values()) == kept  # the head and nothing else
     with pytest.raises(RenameError, match="head.weight"):  # a key with no rule is still refused
-        vit_msn.convert({**original, "head.weight": torch.zeros(1)})
+        vit_msn.FAMILY.convert({**original, "head.weight": torch.zeros(1)})
 
 
 def _load_entry(c: harness.Case, entry: str):
@@ -155,10 +152,10 @@ def test_msn_reads_target_encoder_not_encoder(name):
     """The loader takes target_encoder (the EMA weights the original evaluates); a converter
     reading the online `encoder` must fail parity."""
     c = harness.case(name)
-    target = vit_msn.convert(_load_entry(c, "target_encoder"))
+    target = vit_msn.FAMILY.convert(_load_entry(c, "target_encoder"))
     assert target.keys() == c.converted.keys() and all(torch.equal(target[k], c.converted[k]) for k in target)
     model = pipeline.hf_model_class(c.variant)(c.hf_config()).eval()
-    model.load_state_dict(pipeline.for_installed_transformers(c.variant, vit_msn.convert(_load_entry(c, "encoder"))))
+    model.load_state_dict(pipeline.for_installed_transformers(c.variant, vit_msn.FAMILY.convert(_load_entry(c, "encoder"))))
     diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
     with pytest.raises(AssertionError, match="out of tolerance"):
         assert_parity(diffs, "encoder instead of target_encoder")
