@@ -76,7 +76,7 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
     family = family_module(variant.family)
     tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
     hf_input = family.real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
-    reference = c.adapter.reference_outputs(c.adapter.build(c.spec, harness.SEED),
+    reference = c.original.forward(c.original.build(c.spec, harness.SEED),
                                             hf_input["pixel_values"].transpose(1, 2))
     expected = [PublishedValues(p.output, tuple(harness.select(reference, p.output).flatten().tolist()), 1e-4)
                 for p in variant.published if p.values is not None] or [
