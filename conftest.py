@@ -185,11 +185,11 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(f"{family}_variant",
                                  [param(v) for v in all_variants() if v.family == family])
     if "variant_container" in names:
-        from fixtures.harness import adapter
+        from fixtures.harness import original
 
         metafunc.parametrize("variant_container", [
             pytest.param((v, c), id=f"{v.name}-{c}", marks=pytest.mark.xdist_group(v.name))
-            for v in all_variants() for c in adapter(v.family).containers[1:]])
+            for v in all_variants() for c in original(v.family).containers[1:]])
 
 
 # ---- results file -------------------------------------------------------------------

@@ -139,7 +139,7 @@ def cmd_matrix(args) -> int:
     for i, v in enumerate(variants, 1):
         t0 = time.perf_counter()
         c = harness.case(v.name)
-        tol = c.adapter.tolerance
+        tol = c.original.tolerance
         outputs = c.hf_outputs()
         vs_diffs = compare_outputs(c.reference, outputs, **tol)
         weights = compare_outputs(harness.weights_reference(c), outputs, **tol)

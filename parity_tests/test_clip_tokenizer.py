@@ -273,7 +273,7 @@ def test_tokenizers_feed_the_models_alike(converter_tokenizer, original_clip):
 
     c = harness.case("xclip-base-patch32")
     spec = {**c.spec, "vocab_size": VOCAB_SIZE}
-    original = c.adapter.build(spec, harness.SEED)
+    original = c.original.build(spec, harness.SEED)
     hf = pipeline.hf_model_class(c.variant)(xclip.hf_config(spec)).eval()
     hf.load_state_dict(xclip.FAMILY.convert(original.state_dict(), spec), strict=True)
     texts = [*CORPUS["sections"]["hf_port_texts"]["texts"], "café crème brûlée", "打篮球", "🏀 playing basketball",

@@ -32,7 +32,7 @@ def test_logits_parity(variant, record_diffs, request):
     if known := known_divergence(variant):
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"HF port differs: {known.describe()}"))
     c = harness.case(variant.name)
-    diffs = compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.hf_outputs(), **c.original.tolerance)
     record_diffs(diffs)
     assert_parity(diffs, f"{variant.name} original vs HF")
 
@@ -44,7 +44,7 @@ def test_weight_mapping_parity(diverging, record_diffs):
     """For a variant whose port is known to diverge, the weight mapping on its own: the HF
     model against the original's weights run with the HF class's structure."""
     c = harness.case(diverging.name)
-    diffs = compare_outputs(harness.weights_reference(c), c.hf_outputs(), **c.adapter.tolerance)
+    diffs = compare_outputs(harness.weights_reference(c), c.hf_outputs(), **c.original.tolerance)
     record_diffs(diffs)
     assert_parity(diffs, f"{diverging.name} original with the port's structure vs HF")
 
@@ -52,7 +52,7 @@ def test_weight_mapping_parity(diverging, record_diffs):
 def test_output_shape(variant):
     c = harness.case(variant.name)
     outputs = c.hf_outputs()
-    for key, shape in c.adapter.output_shapes(c.spec, c.inputs).items():
+    for key, shape in c.original.output_shapes(c.spec, c.inputs).items():
         assert tuple(outputs[key].shape) == tuple(shape), f"{key}: {tuple(outputs[key].shape)} != {shape}"
 
 
@@ -115,7 +115,7 @@ def test_full_size_structure(variant):
     """The full-size original, built on the meta device, converts to exactly the
     full-size HF model's keys and shapes: nothing left over, nothing missing."""
     spec = pipeline.spec_of(variant)
-    original = harness.adapter(variant.family).original_on_meta(spec)
+    original = harness.original(variant.family).on_meta(spec)
     converted = pipeline.for_installed_transformers(variant, family(variant.family).convert(original, spec))
     want = {k: tuple(v.shape) for k, v in harness.hf_state_on_meta(variant, spec).items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
@@ -134,7 +134,7 @@ def test_golden(variant, update_golden, record_diffs):
         return
     record = golden.read(variant.name)
     assert record is not None, f"no golden for {variant.name}: run the README's golden command"
-    diffs = compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
+    diffs = compare_outputs(record["arrays"], outputs, **c.original.tolerance)
     record_diffs(diffs)
     made, now = record["made_with"], golden.versions()
     context = (f"{variant.name} drifted from its golden (made with torch {made['torch']}, transformers "
@@ -162,7 +162,7 @@ def test_port_difference_other_frame_count(timesformer_variant, record_diffs):
     variant = timesformer_variant
     c = harness.case(variant.name)
     video = c.inputs[:, :, : c.spec["num_frames"] // 2]  # (B, C, T, H, W): half the frames
-    reference = c.adapter.reference_outputs(harness.adapter(variant.family).build(c.spec, harness.SEED), video)
-    diffs = compare_outputs(reference, c.adapter.hf_outputs(c.hf_model(), video), **c.adapter.tolerance)
+    reference = c.original.forward(harness.original(variant.family).build(c.spec, harness.SEED), video)
+    diffs = compare_outputs(reference, c.original.hf_forward(c.hf_model(), video), **c.original.tolerance)
     record_diffs(diffs)
     assert_parity(diffs, f"{variant.name}, half the frames")

@@ -41,12 +41,12 @@ def _group(name: str):
 @functools.cache
 def _reference(name: str) -> dict:
     c = harness.case(name)
-    return pp.build(c.spec, harness.SEED)
+    return pp.ORIGINAL.build(c.spec, harness.SEED)
 
 
 @functools.cache
 def _original_outputs(name: str) -> dict:
-    """The original's raw outputs (all of them, before select_outputs) on the matrix case."""
+    """The original's raw outputs (all of them, before Architecture.selected) on the matrix case."""
     return pp.run_reference(_reference(name), harness.case(name).inputs)
 
 
@@ -92,7 +92,7 @@ def test_faithful_gelu_is_the_closest_tanh_form():
 def test_port_difference_hub_config_gelu(perceiver_variant):
     name = perceiver_variant.name
     c = harness.case(name)
-    _check(harness.weights_reference(c), pp.hf_outputs(_hf_model(name, "gelu"), c.inputs),
+    _check(harness.weights_reference(c), pp.ORIGINAL.hf_forward(_hf_model(name, "gelu"), c.inputs),
            f"{name}: the hub config's exact GELU vs the original's tanh GELU")
 
 
@@ -120,7 +120,7 @@ def test_learned_cause_is_in_the_installed_transformers():
     attention = harness.case("vision-perceiver-learned").hf_model().perceiver.decoder.decoder \
         .decoding_cross_attention.attention
     assert attention.use_query_residual is True
-    assert pp.PORT_STRUCTURE["image_learned"] == dict(decoder_query_residual=True)
+    assert pp.ARCHS["PerceiverForImageClassificationLearned"].port_structure == dict(decoder_query_residual=True)
     assert orig.full_size_hparams("image_learned")["decoder_query_residual"] is False
 
 
@@ -132,7 +132,8 @@ def test_conv_cause_is_in_the_installed_transformers():
     stem = harness.case("vision-perceiver-conv").hf_model().perceiver.input_preprocessor.convnet
     assert stem.conv.zero_pad_2d.padding == (3, 3, 3, 3)
     assert (stem.max_pool.kernel_size, stem.max_pool.stride, stem.max_pool.padding) == (3, 2, 0)
-    assert pp.PORT_STRUCTURE["image_conv"] == dict(conv_padding=((3, 3), (3, 3)), pool_padding="VALID")
+    assert pp.ARCHS["PerceiverForImageClassificationConvProcessing"].port_structure == dict(
+        conv_padding=((3, 3), (3, 3)), pool_padding="VALID")
 
 
 def _tf_same(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -186,7 +187,7 @@ def test_port_difference_mlm_padded_query_positions():
     assert not mask.all(), "the tiny input must contain padding"
     expected = _original_outputs(name)["logits"][~mask]
     with torch.no_grad():
-        actual = pp.hf_forward(c.hf_model(), c.inputs)["logits"][~mask]
+        actual = pp.hf_raw_outputs(c.hf_model(), c.inputs)["logits"][~mask]
     assert_parity([compare("padded_logits", expected, actual, **TOL)], "padded positions")
 
 
@@ -219,7 +220,7 @@ def test_flow_output_is_the_models_not_the_colabs():
     c = harness.case(name)
     original = _original_outputs(name)
     with torch.no_grad():
-        hf = pp.hf_forward(c.hf_model(), c.inputs)["logits"]
+        hf = pp.hf_raw_outputs(c.hf_model(), c.inputs)["logits"]
     assert_parity([compare("logits", original["logits"], hf, **TOL)], "flow model output")
     torch.testing.assert_close(original["flow"], 20 * original["logits"])
     assert (original["flow"] - hf).abs().max() > 10 * hf.abs().max(), "HF would include the colab's x20"
@@ -257,7 +258,7 @@ def test_full_size_config_is_the_published_one(name):
 
 def _save(name: str, path, **kwargs):
     reference = _reference(name)
-    orig.save_checkpoint(reference["arch"], reference["params"], reference["state"], path, **kwargs)
+    orig.save_checkpoint(reference["arch"].original, reference["params"], reference["state"], path, **kwargs)
     return path
 
 

@@ -22,9 +22,9 @@ from fixtures import harness
 def _structures(variant_name: str, layers: int) -> tuple[dict, dict]:
     """Original and HF state dicts (meta tensors) of the variant at this depth."""
     variant = get_variant(variant_name)
-    ad = harness.adapter(variant.family)
-    spec = {**pipeline.spec_of(variant), **{k: layers for k in ad.depth_keys}}
-    return ad.original_on_meta(spec), harness.hf_state_on_meta(variant, spec), spec
+    original = harness.original(variant.family)
+    spec = {**pipeline.spec_of(variant), **{k: layers for k in original.depth_keys}}
+    return original.on_meta(spec), harness.hf_state_on_meta(variant, spec), spec
 
 
 # Each example builds two full-width models on the meta device (about 40 ms per depth,

@@ -76,7 +76,7 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
 
     tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
     hf_input = family(variant.family).real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
-    reference = c.adapter.reference_outputs(c.adapter.build(c.spec, harness.SEED),
+    reference = c.original.forward(c.original.build(c.spec, harness.SEED),
                                             hf_input["pixel_values"].transpose(1, 2))
     expected = [PublishedValues(p.output, tuple(harness.select(reference, p.output).flatten().tolist()), 1e-4)
                 for p in variant.published if p.values is not None] or [
@@ -144,14 +144,14 @@ def _perceiver_stand_in(variant, tmp_path, orig):
 
     c = harness.case(variant.name)
     spec, arch = c.spec, pp.arch_of(c.spec)
-    built = pp.build(spec, harness.SEED)
+    built = c.original.build(spec, harness.SEED)
     hp = pp.port_structure_hparams({**built["hp"], "batch_size": 1}, arch)  # the values are the port's
 
     def run(inputs):
-        return orig.forward(arch, hp, built["params"], built["state"], inputs)["logits"]
+        return orig.forward(arch.original, hp, built["params"], built["state"], inputs)["logits"]
 
     params, files, values = dict(variant.inputs.params), {}, {}
-    if arch == "mlm":
+    if arch.original == "mlm":
         length, text = spec["max_position_embeddings"], params["text"]
         (a, b), (c0, d) = params["mask"], params["hub_tokenizer_mask"]
         script = run(_byte_tokens(text, length, (a, b), wrapped=False))
@@ -159,7 +159,7 @@ def _perceiver_stand_in(variant, tmp_path, orig):
         values = {"script_logits_corner[0]": script[0, :3, :3].ravel(), "script_masked_argmax[0]": script[0, a:b].argmax(-1),
                   "logits_corner[0]": hub[0, :3, :3].ravel(), "masked_argmax[0]": hub[0, c0:d].argmax(-1)}
         params["max_length"] = length
-    elif arch == "optical_flow":
+    elif arch.original == "optical_flow":
         h, w = spec["train_height"], spec["train_width"]
         frames = [np.random.default_rng(i).integers(0, 256, (h + 5, w + 7, 3), dtype=np.uint8) for i in (1, 2)]
         image = frames[0][:h, :w].astype(np.float32) * np.float32(2 / 255) - np.float32(1)

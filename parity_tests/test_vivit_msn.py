@@ -84,8 +84,8 @@ def test_vivit_tanh_gelu_variants_agree():
     """HF's other tanh-approximation names compute the same model (rounding only)."""
     c = harness.case(VIVIT)
     for act in ("gelu_new", "gelu_pytorch_tanh"):
-        assert_parity(compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, act), c.inputs),
-                                                      **c.adapter.tolerance), act)
+        assert_parity(compare_outputs(c.reference, c.original.hf_forward(_with_activation(c, act), c.inputs),
+                                                      **c.original.tolerance), act)
 
 
 @on_vivit
@@ -95,8 +95,8 @@ def test_vivit_tanh_gelu_variants_agree():
     "gelu_fast: 1.1e-6). The field note's 4e-5 / 9e-8 were not reproduced."))
 def test_vivit_exact_gelu_breaks_parity():
     c = harness.case(VIVIT)
-    assert_parity(compare_outputs(c.reference, c.adapter.hf_outputs(_with_activation(c, "gelu"), c.inputs),
-                                                  **c.adapter.tolerance), "exact gelu")
+    assert_parity(compare_outputs(c.reference, c.original.hf_forward(_with_activation(c, "gelu"), c.inputs),
+                                                  **c.original.tolerance), "exact gelu")
 
 
 def test_vivit_script_recipe_is_the_registry_recipe():
@@ -110,20 +110,20 @@ def test_vivit_script_recipe_is_the_registry_recipe():
 
 @pytest.mark.parametrize("layers", [1, 3, 12])
 def test_vivit_repeated_block_tree_is_the_traced_tree(layers):
-    """original_on_meta (one traced block, repeated) names and shapes what a direct trace of
-    the reference at that depth gives."""
+    """ViViTOriginal.on_meta (one traced block, repeated) names and shapes what a direct trace
+    of the reference at that depth gives."""
     from fixtures import parity_vivit
 
     spec = {**get_variant(VIVIT).config, "num_hidden_layers": layers}
     shapes = lambda tree: {k: tuple(v.shape) for k, v in tree.items()}  # noqa: E731
-    assert shapes(parity_vivit.original_on_meta(spec)) == shapes(parity_vivit.traced_on_meta(spec))
+    assert shapes(parity_vivit.ORIGINAL.on_meta(spec)) == shapes(parity_vivit.traced_on_meta(spec))
 
 
 @on_vivit
 def test_vivit_pre_logits_is_refused():
     """A scenic config with representation_size has pre_logits, which VivitForVideoClassification
     cannot hold: the rename table refuses it instead of dropping a layer silently."""
-    tree = harness.adapter("vivit").original_on_meta(harness.case(VIVIT).spec)
+    tree = harness.original("vivit").on_meta(harness.case(VIVIT).spec)
     tree["pre_logits/kernel"] = torch.empty(32, 32, device="meta")
     with pytest.raises(RenameError, match="pre_logits/kernel"):
         vivit.FAMILY.convert(tree)
@@ -156,7 +156,7 @@ def test_msn_reads_target_encoder_not_encoder(name):
     assert target.keys() == c.converted.keys() and all(torch.equal(target[k], c.converted[k]) for k in target)
     model = pipeline.hf_model_class(c.variant)(c.hf_config()).eval()
     model.load_state_dict(pipeline.for_installed_transformers(c.variant, vit_msn.FAMILY.convert(_load_entry(c, "encoder"))))
-    diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.original.hf_forward(model, c.inputs), **c.original.tolerance)
     with pytest.raises(AssertionError, match="out of tolerance"):
         assert_parity(diffs, "encoder instead of target_encoder")
 
@@ -214,12 +214,12 @@ def _vivit_tier_case(tmp_path, monkeypatch, put_hub):
     files = [downloads.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec, inputs=dataclasses.replace(
         c.variant.inputs, params={**c.variant.inputs.params, "frames": c.spec["num_frames"]}))
-    reference = c.adapter.build(c.spec, harness.SEED)
+    reference = c.original.build(c.spec, harness.SEED)
     recipes = {"logits": vivit.SCRIPT_RECIPE, "logits_integration_test": vivit.INTEGRATION_TEST_RECIPE}
 
     def expected(recipe):
         pixels = vivit.real_input(tiny, files, recipe)["pixel_values"].permute(0, 1, 3, 4, 2)  # to (B, T, H, W, C)
-        return c.adapter.reference_outputs(reference, pixels)["logits"]
+        return c.original.forward(reference, pixels)["logits"]
 
     published = []
     for p in c.variant.published:
@@ -260,7 +260,7 @@ def test_msn_tier_runs_end_to_end_from_caches(name, tmp_path, monkeypatch, offli
     files = [downloads.fetch(f, progress=False) for f in c.variant.inputs.files]
     tiny = dataclasses.replace(c.variant, config=c.spec)
     pixels = vit_msn.real_input(tiny, files)["pixel_values"]
-    tokens = harness.adapter("vit_msn").build(c.spec, harness.SEED).forward_tokens(pixels).detach()
+    tokens = harness.original("vit_msn").build(c.spec, harness.SEED).forward_tokens(pixels).detach()
     published = [dataclasses.replace(p, values=None if p.values is None else
                                      tuple(harness.select({"last_hidden_state": tokens}, p.output).tolist()))
                  for p in c.variant.published]

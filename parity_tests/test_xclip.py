@@ -45,7 +45,7 @@ def test_processor_offline_parity(xclip_variant, tmp_path):
     # The original's tokenizer zero-pads to the full context; causal attention keeps the
     # padding from reaching the end token, where both sides pool.
     original_ids = F.pad(ids, (0, c.spec["max_position_embeddings"] - ids.shape[1]))
-    reference = xclip_original.forward_outputs(c.adapter.build(c.spec, harness.SEED), inputs["pixel_values"],
+    reference = xclip_original.forward_outputs(c.original.build(c.spec, harness.SEED), inputs["pixel_values"],
                                                original_ids)
     assert_parity(compare_outputs({"logits_per_video": reference["logits_per_video"]},
                                                   {"logits_per_video": hf.logits_per_video}, **TOLERANCE["xclip"]))
@@ -56,7 +56,7 @@ def test_training_config_object_is_never_constructed(tmp_path):
     without importing or calling that object's class."""
     c = harness.case("xclip-base-patch32")
     path = tmp_path / "k400_32_8.pth"
-    model = c.adapter.build(c.spec, harness.SEED)
+    model = c.original.build(c.spec, harness.SEED)
     xclip_original.save_checkpoint(model, path, config=xclip_original.ConstructionProbe("loader"))
     xclip_original.PROBE_LOG.clear()
     with pytest.warns(UserWarning, match=r"config \(fixtures\.xclip_original\.(ConstructionProbe|_probe_constructed)\)"):
