@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from converters import output_dir, pipeline
 from converters.registry import convertible_variants, family_module, known_divergence
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
-from parity_harness import golden
 
 pytestmark = pytest.mark.parity
 
@@ -125,24 +123,12 @@ def test_full_size_structure(variant):
     assert wrong == {}, f"shape (converted, HF) mismatches: {wrong}"
 
 
-def test_golden(variant, update_golden, record_diffs):
-    """The tiny converted model's outputs against the stored golden file."""
+def test_golden(variant, golden):
+    """The tiny converted model's outputs against its golden file, made from the same tiny
+    spec and seed (parity_harness.golden.Golden)."""
     c = harness.case(variant.name)
-    outputs = {k: v.numpy() for k, v in c.hf_outputs().items()}
-    if update_golden:
-        golden.write(variant.name, outputs, c.spec, harness.SEED)
-        return
-    record = golden.read(variant.name)
-    assert record is not None, f"no golden for {variant.name}: run the README's golden command"
-    diffs = compare_outputs(record["arrays"], outputs, **c.adapter.tolerance)
-    record_diffs(diffs)
-    made, now = record["made_with"], golden.versions()
-    context = (f"{variant.name} drifted from its golden (made with torch {made['torch']}, transformers "
-               f"{made['transformers']}; running torch {now['torch']}, transformers {now['transformers']})")
-    assert_parity(diffs, context)
-    moved = [d for d in diffs if d.max_abs > 0]
-    if moved and (made["torch"], made["transformers"]) != (now["torch"], now["transformers"]):
-        warnings.warn(golden.GoldenDrift(f"{context}, within tolerance: " + "; ".join(d.describe() for d in moved)))
+    golden.check(variant.name, {k: v.numpy() for k, v in c.hf_outputs().items()}, spec=c.spec, seed=harness.SEED,
+                 tolerance=c.adapter.tolerance)
 
 
 def test_original_containers(variant_container):
