@@ -30,9 +30,10 @@ def variants(config, key: str = "parity_variants") -> tuple:
     return _listed(config.getini(key) or config.getini("parity_variants"))
 
 
-def param(v, *extra, id: str | None = None):
-    """One variant (and any further values) as a parameter in the variant's xdist group."""
-    return pytest.param(v, *extra, id=id or v.name, marks=pytest.mark.xdist_group(v.name))
+def param(value, id: str | None = None):
+    """A variant, or a tuple that starts with one, as a parameter in the variant's xdist group."""
+    v = value[0] if isinstance(value, tuple) else value
+    return pytest.param(value, id=id or v.name, marks=pytest.mark.xdist_group(v.name))
 
 
 def parametrize(metafunc) -> None:
