@@ -2,7 +2,8 @@
 
 Each concern in its own module: options.py (command line and ini), markers.py (registered
 for --strict-markers; `slow` deselected unless --run-slow), profiles.py (hypothesis
-profiles and the shared seed), environment.py (one compute thread, offline), variants.py
+profiles and the shared seed), environment.py (one compute thread, offline), workers.py (xdist workers skip the
+interpreter's finalization), variants.py
 (the variant parametrization), results.py (the results file, JSON and JUnit XML) and
 golden.py (the `golden` fixture). A project configures it in its ini:
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from . import environment, markers, options, profiles, results, variants
+from . import environment, markers, options, profiles, results, variants, workers
 
 # Before any test module (or conftest) imports torch or jax: their thread pools read it once.
 environment.one_compute_thread()
 profiles.register_and_load()
+workers.install()
 
 
 def pytest_addoption(parser):
@@ -35,6 +37,11 @@ def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # xdist workers report to the controller, which writes
         config.pluginmanager.register(
             results.Writer(config.getoption("--results"), config.getoption("--results-junit")), "parity-results")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    workers.teardown_done()  # the last unconfigure hook: only pytest's cleanup stack is left
 
 
 def pytest_report_header(config):

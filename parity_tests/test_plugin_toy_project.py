@@ -152,6 +152,7 @@ def toy(pytester, monkeypatch):
     return pytester, run
 
 
+@pytest.mark.slow  # three pytest processes, each importing torch: ~15 s CPU
 def test_toy_project_runs_on_the_plugin(toy):
     """A missing golden is written and its test fails; the next run passes and writes the
     results (JSON and JUnit XML, the variant from the parameters); the planted bug fails
