@@ -114,11 +114,11 @@ def write_junit(path: str | os.PathLike, rows: list[dict]) -> Path:
             for o in r["outputs"]:
                 for field in ("max_abs", "max_rel", "atol", "rtol", "mismatched", "total", "nonfinite"):
                     ET.SubElement(props, "property", name=f"{o['output']}.{field}", value=str(o[field]))
+        message = r.get("message", "")
         if r["status"] == "failed":
-            ET.SubElement(case, "failure", message=r.get("message", "").splitlines()[-1][:500] if r.get("message") else "")\
-                .text = r.get("message", "")
+            ET.SubElement(case, "failure", message=(message.splitlines() or [""])[-1][:500]).text = message
         elif r["status"] in ("skipped", "xfailed"):
-            ET.SubElement(case, "skipped", type=r["status"], message=r.get("message", "")[:500])
+            ET.SubElement(case, "skipped", type=r["status"], message=message[:500])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
