@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import warnings
 
 from . import errors
@@ -107,64 +106,13 @@ def _verify(variant, out) -> None:
           f"a random input gives finite outputs {shapes}", file=sys.stderr)
 
 
-def _vs_original(v, diffs) -> tuple[str, bool]:
-    """The matrix's second verdict: does the converted model reproduce the original as
-    released? A known port difference (registry.known_divergence) must still be seen."""
-    worst = max(diffs, key=lambda d: d.max_abs)
-    reproduces, known = all(d.ok for d in diffs), known_divergence(v)
-    if known is None:
-        return ("REPRODUCES" if reproduces else f"FAIL {worst.describe()}"), reproduces
-    if reproduces:
-        return (f"FAIL reproduces ({worst.max_abs:.2e}) but is listed as diverging: update "
-                f"{v.family}.KNOWN_DIVERGENCES"), False
-    return f"DIVERGES {worst.max_abs:.3g}: {known.cause}", True
-
-
 def cmd_matrix(args) -> int:
-    """The offline parity matrix: tiny original reference vs converted HF model, per variant.
-    Two verdicts: the weight mapping (against the original, or for a known port difference
-    the original run with the port's structure) and whether the converted model
-    reproduces the original as released."""
+    """The offline parity matrix; the harness runs it (parity_harness/matrix.py)."""
     try:
-        from fixtures import harness
-        from parity_harness import golden
-        from parity_harness.compare import compare_outputs
+        from parity_harness import matrix
     except ImportError:
         raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
-
-    variants = [v for v in all_variants() if not args.k or any(k in v.name for k in args.k)]
-    if not variants:
-        raise SystemExit(f"error: no variant matches {args.k}")
-    rows, weights_failed, vs_failed, diverging = [], 0, 0, 0
-    for i, v in enumerate(variants, 1):
-        t0 = time.perf_counter()
-        c = harness.case(v.name)
-        tol = c.original.tolerance
-        outputs = c.hf_outputs()
-        vs_diffs = compare_outputs(c.reference, outputs, **tol)
-        weights = compare_outputs(harness.weights_reference(c), outputs, **tol)
-        record = golden.read(v.name)
-        drift = (max(d.max_abs for d in compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
-                 if record else float("nan"))
-        weights_ok = all(d.ok for d in weights)
-        vs_text, vs_ok = _vs_original(v, vs_diffs)
-        weights_failed += not weights_ok
-        vs_failed += not vs_ok
-        diverging += vs_ok and known_divergence(v) is not None
-        worst = max(weights, key=lambda d: d.max_abs)
-        rows.append([v.name, v.family, "PASS" if weights_ok else "FAIL", f"{worst.max_abs:.2e}", f"{worst.max_rel:.2e}",
-                     f"{tol['atol']:g}/{tol['rtol']:g}", f"{drift:.2e}", f"{time.perf_counter() - t0:.2f}s", vs_text])
-        print(f"[{i}/{len(variants)}] {v.name}: weights {'PASS' if weights_ok else 'FAIL ' + worst.describe()}; "
-              f"vs original {vs_text}", file=sys.stderr)
-    print(_table(rows, ["variant", "family", "weights", "max abs", "max rel", "atol/rtol", "golden drift", "time",
-                        "vs original (as converted)"]))
-    passed = len(variants) - weights_failed
-    reproduce = len(variants) - vs_failed - diverging
-    summary = (f"{passed} weight mappings pass" + (f", {weights_failed} fail" if weights_failed else "")
-               + f"; {reproduce} reproduce the original, {diverging} diverge (known port differences)"
-               + (f", {vs_failed} fail" if vs_failed else ""))
-    print(f"\n{summary}")
-    return 1 if weights_failed or vs_failed else 0
+    return matrix.run(args.k)
 
 
 def cmd_report(args) -> int:
