@@ -23,7 +23,6 @@ from . import environment, markers, options, profiles, results, variants, worker
 # Before any test module (or conftest) imports torch or jax: their thread pools read it once.
 environment.one_compute_thread()
 profiles.register_and_load()
-workers.install()
 
 
 def pytest_addoption(parser):
@@ -34,7 +33,9 @@ def pytest_configure(config):
     markers.register(config)
     environment.offline(config.getoption("--real-checkpoints"))
     profiles.share_seed(config)
-    if not hasattr(config, "workerinput"):  # xdist workers report to the controller, which writes
+    if hasattr(config, "workerinput"):
+        workers.install()
+    else:  # the controller alone writes the results: the workers report to it
         config.pluginmanager.register(
             results.Writer(config.getoption("--results"), config.getoption("--results-junit")), "parity-results")
 

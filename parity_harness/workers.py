@@ -29,10 +29,11 @@ def _leave() -> None:
 
 
 def install() -> None:
-    """On an xdist worker, as early as the plugin is imported: exit handlers run last-in,
-    first-out, so this one runs after all that are registered later."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        atexit.register(_leave)
+    """On an xdist worker (the config has `workerinput`), from pytest_configure: exit handlers
+    run last-in, first-out, so this one runs after all that are registered later. Not from the
+    environment: PYTEST_XDIST_WORKER is inherited by any pytest a worker starts as a
+    subprocess, and that one is a controller whose exit status must be its own."""
+    atexit.register(_leave)
 
 
 def teardown_done() -> None:
