@@ -66,10 +66,6 @@ class Variant:
     def __post_init__(self):
         object.__setattr__(self, "config", _frozen(self.config))
 
-    @property
-    def has_published_values(self) -> bool:
-        return any(p.values is not None for p in self.published)
-
 
 @dataclass(frozen=True)
 class KnownDivergence:

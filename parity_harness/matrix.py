@@ -7,7 +7,7 @@ import time
 
 from converters.cli import _table
 from converters.registry import all_variants, known_divergence
-from fixtures import harness  # the tiny references: the matrix runs from the repository checkout
+from parity_fixtures import harness  # the tiny references: the matrix runs from the repository checkout
 
 from . import golden
 from .compare import compare_outputs
@@ -42,7 +42,7 @@ def run(names: list[str] | None = None) -> int:
         outputs = c.hf_outputs()
         vs_diffs = compare_outputs(c.reference, outputs, **tol)
         weights = compare_outputs(harness.weights_reference(c), outputs, **tol)
-        record = golden.read(v.name)
+        record = golden.read(v.name, harness.GOLDEN_DIR)
         drift = (max(d.max_abs for d in compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
                  if record else float("nan"))
         weights_ok = all(d.ok for d in weights)

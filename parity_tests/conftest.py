@@ -40,12 +40,12 @@ def tiny_cli(monkeypatch, tmp_path):
     import warnings
 
     from converters import cli, pipeline
-    from fixtures import harness
+    from parity_fixtures import harness
 
     monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
 
-    def run(capsys, row, *argv):  # row: a fixtures.catalogue.Container
+    def run(capsys, row, *argv):  # row: a parity_fixtures.catalogue.Container
         monkeypatch.setattr(pipeline, "spec_of", lambda variant: dict(harness.case(row.variant).spec))
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -83,7 +83,7 @@ def pytest_generate_tests(metafunc):
     """`variant_container`: each further container layout the family's original is seen in."""
     if "variant_container" in metafunc.fixturenames:
         from converters.registry import all_variants
-        from fixtures.harness import original
+        from parity_fixtures.harness import original
         from parity_harness.variants import param
 
         metafunc.parametrize("variant_container", [

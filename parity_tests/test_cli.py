@@ -9,7 +9,7 @@ import torch
 
 from converters import cli
 from converters.registry import all_variants
-from fixtures import timesformer_original
+from parity_fixtures import timesformer_original
 
 
 def run(capsys, *argv):

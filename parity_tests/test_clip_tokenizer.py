@@ -26,9 +26,9 @@ import transformers
 
 from converters import clip_tokenizer, downloads, xclip
 from converters.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, VOCAB_SIZE
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_measured, assert_parity, compare_outputs
-from fixtures.catalogue import CONTAINERS
+from parity_fixtures.catalogue import CONTAINERS
 from parity_harness.tolerances import TOLERANCE
 
 CORPUS = json.loads((Path(__file__).parents[1] / "fixtures" / "clip_tokenizer_corpus.json").read_text())
@@ -279,7 +279,7 @@ def test_tokenizers_feed_the_models_alike(converter_tokenizer, original_clip):
     as the upstream uses it (padding=True; truncation=True for the long text) into the
     converted HF model, clip.tokenize's ids into the original model: the same logits."""
     from converters import pipeline
-    from fixtures import xclip_original
+    from parity_fixtures import xclip_original
 
     c = harness.case("xclip-base-patch32")
     spec = {**c.spec, "vocab_size": VOCAB_SIZE}

@@ -13,7 +13,7 @@ import pytest
 
 from converters import pipeline
 from converters.registry import family
-from fixtures import original_hparams as orig
+from parity_fixtures import original_hparams as orig
 
 # Config fields that do not describe the architecture: run-time flags, dropout rates
 # (inert at eval), initialisation, bookkeeping. Everything else the config holds must
@@ -137,7 +137,7 @@ def image_processor(variant):
         import tempfile
         from pathlib import Path
 
-        from fixtures import parity_xclip
+        from parity_fixtures import parity_xclip
 
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = parity_xclip.write_tiny_clip_tokenizer(Path(tmp) / "tok", 512)

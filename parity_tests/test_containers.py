@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from converters import cli, pipeline
 from converters.registry import get_variant
-from fixtures import harness
+from parity_fixtures import harness
 
 # ---- reading a pickle without loading it -------------------------------------------------------
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from converters import pipeline
 from converters.errors import CheckpointError
 from converters.registry import get_variant
-from fixtures import harness
+from parity_fixtures import harness
 
 TORCH_VARIANTS = ["timesformer-base-finetuned-k400", "vit-msn-small"]  # the model_state and target_encoder files
 MEMORY_SLACK = 64 << 20  # interpreter noise and torch's allocator caches

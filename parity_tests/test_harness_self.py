@@ -9,7 +9,7 @@ import torch
 
 from converters import timesformer
 from converters.rename import apply_rules, rules
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
 
 
@@ -84,7 +84,7 @@ def test_nan_logits_fail_parity_and_golden():
     with pytest.raises(AssertionError, match=r"logits: 800/800 elements out of tolerance .* 800 non-finite values "
                                              r"\(NaN in actual at index \(0, 0\)\)"):
         assert_parity(compare_outputs(c.reference, outputs, **c.original.tolerance))
-    record = golden.read(c.variant.name)
+    record = golden.read(c.variant.name, harness.GOLDEN_DIR)
     with pytest.raises(AssertionError, match="800 non-finite values"):
         assert_parity(compare_outputs(record["arrays"], {k: v.numpy() for k, v in outputs.items()},
                                                       **c.original.tolerance))

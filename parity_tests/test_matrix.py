@@ -14,7 +14,7 @@ import transformers
 
 from converters import output_dir, pipeline
 from converters.registry import all_variants, family, known_divergence
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_measured, assert_parity, compare, compare_outputs
 
 pytestmark = pytest.mark.parity

@@ -1,4 +1,4 @@
-"""The family references through their one interface (`fixtures.harness.Original`), as
+"""The family references through their one interface (`parity_fixtures.harness.Original`), as
 `convert --verify` (#16) will drive them: the original at a spec, loaded from a state dict
 named as the project's safe loader returns it, run on the seeded input of its shape."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from converters import pipeline
 from converters.registry import FAMILY_NAMES, get_variant
-from fixtures import harness
+from parity_fixtures import harness
 
 # One variant per family: the cheapest of each (the full-size check builds nothing real).
 ONE_PER_FAMILY = {

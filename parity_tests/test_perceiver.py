@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from converters import errors, perceiver, pipeline
 from converters.registry import get_variant, known_divergence
 from converters.rename import apply_rules
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_measured, assert_parity, compare, compare_outputs
-from fixtures import parity_perceiver as pp
-from fixtures import perceiver_original as orig
+from parity_fixtures import parity_perceiver as pp
+from parity_fixtures import perceiver_original as orig
 from parity_harness.tolerances import TOLERANCE
 
 TOL = TOLERANCE["perceiver"]

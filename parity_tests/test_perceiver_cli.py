@@ -11,7 +11,7 @@ import pytest
 
 from converters import cli, perceiver, pipeline
 from converters.family import KnownDivergence
-from fixtures import harness
+from parity_fixtures import harness
 
 DIVERGING = sorted(perceiver.KNOWN_DIVERGENCES)
 

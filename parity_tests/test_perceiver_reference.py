@@ -18,8 +18,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from converters import perceiver  # noqa: E402
-from fixtures import parity_perceiver  # noqa: E402
-from fixtures import perceiver_original as P  # noqa: E402
+from parity_fixtures import parity_perceiver  # noqa: E402
+from parity_fixtures import perceiver_original as P  # noqa: E402
 
 # One xdist worker runs this module, so the module-scoped `tiny` fixture (six compiles)
 # is built once per run rather than once per worker.

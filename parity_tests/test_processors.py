@@ -31,10 +31,10 @@ import pytest
 
 from converters import pipeline
 from converters.registry import all_variants, get_variant
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_measured, assert_parity, compare
-from fixtures import original_hparams as hp
-from fixtures import original_preprocessing as op
+from parity_fixtures import original_hparams as hp
+from parity_fixtures import original_preprocessing as op
 from parity_tests.test_configs import image_processor
 
 pytestmark = pytest.mark.parity

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from converters import pipeline, reshape
 from converters.registry import families, family, get_variant
 from converters.rename import RenameError, Rule, invert_rules, rename_keys, rules
-from fixtures import harness
+from parity_fixtures import harness
 
 # ---- rename tables ---------------------------------------------------------------------------
 

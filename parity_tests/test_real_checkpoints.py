@@ -14,7 +14,7 @@ import torch
 from converters import downloads, errors, pipeline
 from converters.family import PublishedValues
 from converters.registry import all_variants, family
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_parity, compare
 
 pytestmark = pytest.mark.real_checkpoint
@@ -108,7 +108,7 @@ def exact_gelu_original(monkeypatch):
     with that GELU, so the comparison measures the tier's code and not the known GELU gap."""
     import jax
 
-    from fixtures import perceiver_original as orig
+    from parity_fixtures import perceiver_original as orig
 
     monkeypatch.setattr(orig, "_gelu", lambda x: jax.nn.gelu(x, approximate=False))
     orig._jitted.cache_clear()  # traced with the tanh GELU by other tests of this worker
@@ -139,8 +139,8 @@ def _perceiver_stand_in(variant, tmp_path, orig):
     import numpy as np
     from PIL import Image
 
-    from fixtures import original_preprocessing
-    from fixtures import parity_perceiver as pp
+    from parity_fixtures import original_preprocessing
+    from parity_fixtures import parity_perceiver as pp
 
     c = harness.case(variant.name)
     spec, arch = c.spec, pp.arch_of(c.spec)

@@ -2,7 +2,7 @@
 through the real command line.
 
 Each container row is a tiny checkpoint written exactly as the original repo writes
-it (fixtures.harness), converted with `convert-parity convert` while the variant's
+it (parity_fixtures.harness), converted with `convert-parity convert` while the variant's
 config is shrunk to the tiny one. Each bad input must end in one error naming the
 problem, exit code 1, no code from the file run, no output directory and nothing
 left beside it; an existing output is never touched.
@@ -20,8 +20,8 @@ import torch
 
 from converters import array_trees, downloads, output_dir, cli
 from converters.registry import FAMILY_NAMES, get_variant
-from fixtures import harness, hostile_files
-from fixtures.catalogue import CONTAINERS, UNREADABLE, Container
+from parity_fixtures import harness, hostile_files
+from parity_fixtures.catalogue import CONTAINERS, UNREADABLE, Container
 
 
 HOSTILE = r"refusing to unpickle (posix|nt)\.system: the file would call it while loading"

@@ -14,10 +14,10 @@ import pytest
 
 from converters import downloads
 from converters.registry import get_variant
-from fixtures import harness
+from parity_fixtures import harness
 from parity_tests.loopback import hostile_server, serve_bytes
 from parity_tests.test_downloads import ATTACK_ERRORS, TIGHT
-from fixtures.catalogue import CONTAINERS, UNREADABLE
+from parity_fixtures.catalogue import CONTAINERS, UNREADABLE
 
 
 @pytest.fixture

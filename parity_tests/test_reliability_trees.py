@@ -3,7 +3,7 @@ class through the real command line (`convert-parity convert`), as the catalogue
 test_reliability.py runs its bad inputs. Each must end in exit code 1, exactly one
 `error:` line naming the file and the problem, and no output directory.
 
-The hostile files are fixtures.hostile_trees'; test_tree_files.py runs every one of them
+The hostile files are parity_fixtures.hostile_trees'; test_tree_files.py runs every one of them
 through the loaders and bounds the memory each takes.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from fixtures import hostile_trees as hostile
-from fixtures.catalogue import CONTAINERS
+from parity_fixtures import hostile_trees as hostile
+from parity_fixtures.catalogue import CONTAINERS
 
-# attack class -> the attack of fixtures.hostile_trees that stands for it
+# attack class -> the attack of parity_fixtures.hostile_trees that stands for it
 HAIKU_CLASSES = {
     "object-array": "object-array-reconstruct",
     "array-larger-than-its-data": "huge-shape-small-buffer",

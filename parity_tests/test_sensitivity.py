@@ -10,7 +10,7 @@ import pytest
 
 from converters import pipeline
 from converters.registry import all_variants
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_parity, compare_outputs
 
 pytestmark = pytest.mark.parity

@@ -2,7 +2,7 @@
 
 Legitimate files of every pickle protocol (Haiku's own FlatMapping objects, numpy 1.x
 and 2.x names, every numeric dtype, byte-swapped and Fortran-ordered arrays) load
-bit-identically; every hostile file of fixtures.hostile_trees ends in one
+bit-identically; every hostile file of parity_fixtures.hostile_trees ends in one
 CheckpointError naming the file and the problem, with less memory than the attack
 asks for; mutated files end in a load or a CheckpointError, nothing else.
 """
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from converters import array_trees, flax_files, haiku_files
 from converters.errors import CheckpointError
-from fixtures import hostile_trees as hostile
+from parity_fixtures import hostile_trees as hostile
 
 FLAX_KEYS = ("optimizer/target", "params")
 

@@ -17,7 +17,7 @@ from converters import downloads, state_dicts, torch_files, pipeline, vit_msn, v
 from converters.family import PublishedValues
 from converters.registry import get_variant
 from converters.rename import RenameError
-from fixtures import harness
+from parity_fixtures import harness
 from parity_harness.compare import assert_measured, assert_parity, compare_outputs
 from test_real_checkpoints import check_published
 
@@ -124,7 +124,7 @@ def test_vivit_script_recipe_is_the_registry_recipe():
 def test_vivit_repeated_block_tree_is_the_traced_tree(layers):
     """ViViTOriginal.on_meta (one traced block, repeated) names and shapes what a direct trace
     of the reference at that depth gives."""
-    from fixtures import parity_vivit
+    from parity_fixtures import parity_vivit
 
     spec = {**get_variant(VIVIT).config, "num_hidden_layers": layers}
     shapes = lambda tree: {k: tuple(v.shape) for k, v in tree.items()}  # noqa: E731

@@ -17,9 +17,9 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from converters.registry import get_variant  # noqa: E402
-from fixtures import msn_original as msn  # noqa: E402
-from fixtures import parity_vit_msn, parity_vivit  # noqa: E402
-from fixtures import vivit_original as vivit  # noqa: E402
+from parity_fixtures import msn_original as msn  # noqa: E402
+from parity_fixtures import parity_vit_msn, parity_vivit  # noqa: E402
+from parity_fixtures import vivit_original as vivit  # noqa: E402
 
 # The self-checks' own small sizes (the parity cases take theirs from the shrink rule).
 VIVIT_TINY = vivit.ViViTHParams(image_size=32, num_frames=4, tubelet=(2, 8, 8), hidden_size=32,

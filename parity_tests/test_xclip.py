@@ -10,7 +10,7 @@ import transformers
 from hypothesis import given, strategies as st
 
 from converters import pipeline, reshape, xclip
-from fixtures import harness, parity_xclip, xclip_original
+from parity_fixtures import harness, parity_xclip, xclip_original
 from parity_harness.compare import assert_measured, assert_parity, compare_outputs
 from parity_tests.test_matrix import _converted_dir
 from parity_harness.tolerances import TOLERANCE

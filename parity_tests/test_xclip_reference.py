@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from converters.registry import get_variant
-from fixtures import xclip_original as X
-from fixtures.parity_xclip import hparams
+from parity_fixtures import xclip_original as X
+from parity_fixtures.parity_xclip import hparams
 
 
 def tiny_hparams(**overrides) -> dict:
