@@ -59,7 +59,7 @@ def test_training_config_object_is_never_constructed(tmp_path):
     model = c.original.build(c.spec, harness.SEED)
     xclip_original.save_checkpoint(model, path, config=xclip_original.ConstructionProbe("loader"))
     xclip_original.PROBE_LOG.clear()
-    with pytest.warns(UserWarning, match=r"config \(fixtures\.xclip_original\.(ConstructionProbe|_probe_constructed)\)"):
+    with pytest.warns(UserWarning, match=r"config \(parity_fixtures\.xclip_original\.(ConstructionProbe|_probe_constructed)\)"):
         weights = pipeline.load_original_state_dict(path, c.variant)
     assert xclip_original.PROBE_LOG == [], "the pickled config object was constructed on load"
     assert weights.keys() == model.state_dict().keys()
