@@ -213,7 +213,29 @@ def record_diffs(request):
     return record
 
 
+@pytest.fixture
+def record_keys(request):
+    """Call with from_pretrained's loading info and the recorded line it was compared with,
+    to put the key lists in the results file (upgrade-check reports changed key lists)."""
+    def record(info, compared_with: str):
+        request.node.user_properties.append(("keys", {
+            "missing": sorted(info.get("missing_keys", [])), "unexpected": sorted(info.get("unexpected_keys", [])),
+            "mismatched": sorted(str(k) for k in info.get("mismatched_keys", [])), "compared_with": compared_with}))
+    return record
+
+
+def _failure_message(report) -> str | None:
+    """The first line of a failure's message (an exception from from_pretrained reads
+    differently from a failed assertion), for the results file."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if not report.failed or crash is None:
+        return None
+    return (crash.message.splitlines() or [""])[0][:300]
+
+
 def _status(report) -> str:
+    if report.when == "setup" and report.failed:
+        return "error"
     if hasattr(report, "wasxfail"):
         return "xfailed" if report.skipped else "xpassed"
     return report.outcome
@@ -222,12 +244,18 @@ def _status(report) -> str:
 def pytest_runtest_logreport(report):
     if "parity" not in report.keywords and "real_checkpoint" not in report.keywords:
         return
-    if report.when == "call" or (report.when == "setup" and report.skipped):
+    if report.when == "call" or (report.when == "setup" and not report.passed):  # skipped, or an error
         name = report.nodeid.split("::")[-1].split("@")[0]
         check, _, variant = name.partition("[")
-        _RESULTS.append({"variant": variant.rstrip("]"), "check": check, "status": _status(report),
-                         "duration": round(report.duration, 4),
-                         "outputs": [v for k, v in report.user_properties if k == "parity"]})
+        row = {"variant": variant.rstrip("]"), "check": check, "status": _status(report),
+               "duration": round(report.duration, 4),
+               "outputs": [v for k, v in report.user_properties if k == "parity"]}
+        keys = [v for k, v in report.user_properties if k == "keys"]
+        if keys:
+            row["keys"] = keys[-1]
+        if message := _failure_message(report):
+            row["message"] = message
+        _RESULTS.append(row)
 
 
 def pytest_sessionfinish(session):

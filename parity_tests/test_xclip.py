@@ -93,6 +93,23 @@ def test_standalone_models_load_converted_weights(xclip_variant):
     assert not missing, missing
 
 
+def test_vision_model_loads_what_xclip_model_saved(xclip_variant, tmp_path, record_keys):
+    """Weights a user saves from XCLIPModel (save_pretrained) load into XCLIPVisionModel:
+    nothing missing, and the vision tower computes what it computed inside XCLIPModel.
+    The check `upgrade-check --bisect` runs to find the release that broke it (README)."""
+    c = harness.case(xclip_variant.name)
+    full = c.hf_model()
+    full.save_pretrained(tmp_path)
+    vision, info = transformers.XCLIPVisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    record_keys(info, compared_with="none missing")
+    assert not info["missing_keys"], (f"{len(info['missing_keys'])} of {len(vision.state_dict())} XCLIPVisionModel "
+                                      f"keys missing, e.g. {sorted(info['missing_keys'])[:3]}")
+    frames = c.inputs["video"].flatten(0, 1)  # (videos * frames, C, H, W), as XCLIPModel feeds its vision tower
+    with torch.no_grad():
+        inside, alone = full.vision_model(pixel_values=frames), vision.eval()(pixel_values=frames)
+    assert torch.equal(inside.pooler_output, alone.pooler_output)
+
+
 def test_config_derivation_matches_published_numbers(xclip_variant):
     """hf_config derives heads (width // 64) and MLP widths (4 x width) as the original
     does; for the real configs that must reproduce every number the registry records."""
