@@ -278,7 +278,8 @@ def compare_runs(base: Mapping, other: Mapping) -> dict:
         limit = _family_atol(d["variant"], outputs[(d["variant"], d["check"], d["output"])])
         drift.append({**d, "tolerance": limit, "beyond": d["change"] > limit})
     keys = [{"variant": k[0], "check": k[1], "before": _keys(a.get(k)), "after": _keys(b.get(k))}
-            for k in sorted(set(a) & set(b)) if _keys(a.get(k)) is not None and _keys(a.get(k)) != _keys(b.get(k))]
+            for k in sorted(set(a) & set(b))
+            if None not in (_keys(a[k]), _keys(b[k])) and _keys(a[k]) != _keys(b[k])]  # no keys: it did not load
     nearest = sorted({r["keys"]["compared_with"] for r in other["rows"]
                       if r.get("keys") and r["check"] == "test_loading_keys"} - {_line(other)})
     no_load = [{"variant": k[0], "message": b[k].get("message")} for k in sorted(b)
