@@ -192,9 +192,9 @@ def build_env(version: str, r: Recipe, log: Callable[[str], None] = lambda s: No
     log(f"building the environment for transformers {version} ({path})")
     try:
         _run([uv, "venv", "--quiet", "--python", r.python, str(tmp)], 120, f"transformers {version}: uv venv")
-        # --compile-bytecode: once here, not on every first import of each suite run (2+ minutes on 2 cores)
-        _run(["nice", "-n", "10", uv, "pip", "install", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
-              *r.registry,
+        # No --compile-bytecode: it compiles all of torch and jax (3 minutes here); the first suite run
+        # writes the .pyc of the modules it imports into the environment, and later runs reuse them.
+        _run(["nice", "-n", "10", uv, "pip", "install", "--python", str(tmp / "bin" / "python"), *r.registry,
               r.torch, *r.pins, f"transformers=={version}"], r.build_timeout,
              f"transformers {version} cannot be installed with {r.torch} and Python {platform.python_version()}")
         (tmp / "convert-parity-env.json").write_text(json.dumps(
