@@ -201,3 +201,29 @@ def test_unreachable_registry_is_one_error_line_and_no_environment(tmp_path, mon
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and "transformers 4.57.6 cannot be installed with torch==2.13.0" in errors[0], err
     assert list((tmp_path / "envs").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_real_environment_runs_a_check(tmp_path, capsys):
+    """End to end in a real environment of the installed transformers release (the cached
+    one in $CONVERT_PARITY_CACHE/envs if it exists: then this takes about a minute; building
+    it takes uv's cache, or the registry): one key-list check, compared with itself."""
+    import transformers
+
+    try:
+        upgrade._uv()
+    except upgrade.EnvBuildError:
+        pytest.skip("uv is not installed")
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    version = transformers.__version__
+    code = cli.main(["upgrade-check", "--from", version, "--to", version, "--checkout", str(checkout),
+                     "--out", str(tmp_path), "--tests", "parity_tests/test_matrix.py", "--jobs", "0",
+                     "-k", "test_loading_keys and timesformer-base-finetuned-k400"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    doc = report.read_results(tmp_path / "results" / f"transformers-{version}.json")
+    assert doc["versions"]["transformers"] == version and doc["versions"]["torch"].startswith("2.13.0")
+    assert [(r["check"], r["status"], r["keys"]["missing"]) for r in doc["rows"]] == [("test_loading_keys", "passed", [])]
+    assert "**PASS**" in out
