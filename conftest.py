@@ -227,10 +227,11 @@ def record_keys(request):
 def _failure_message(report) -> str | None:
     """The first line of a failure's message (an exception from from_pretrained reads
     differently from a failed assertion), for the results file."""
-    crash = getattr(report.longrepr, "reprcrash", None)
-    if not report.failed or crash is None:
+    if not report.failed:
         return None
-    return (crash.message.splitlines() or [""])[0][:300]
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)  # a strict XPASS is a plain string
+    return (text.splitlines() or [""])[0][:300]
 
 
 def _status(report) -> str:
