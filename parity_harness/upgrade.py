@@ -199,7 +199,11 @@ def build_env(version: str, r: Recipe, log: Callable[[str], None] = lambda s: No
              f"transformers {version} cannot be installed with {r.torch} and Python {platform.python_version()}")
         (tmp / "convert-parity-env.json").write_text(json.dumps(
             {"transformers": version, "torch": r.torch, "pins": r.pins, "registry": r.registry}, indent=1) + "\n")
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another run built it meanwhile: use that one
+            if not (path / "convert-parity-env.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Env(version, path, True, time.monotonic() - t0)
