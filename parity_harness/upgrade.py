@@ -324,6 +324,20 @@ def _keys_text(keys: Mapping | None) -> str:
                      for k, v in keys.items())
 
 
+def _grouped(status_changes: list[Mapping]) -> list[tuple[tuple, list[str]]]:
+    """One row per kind of change (check, before, after, message): a release that breaks
+    one check for 18 variants is one line of the summary, not 18 (the JSON keeps each)."""
+    groups: dict[tuple, list[str]] = {}
+    for s in status_changes:
+        groups.setdefault((s["check"], s["before"], s["after"], s["regression"], s["message"]), []).append(s["variant"])
+    return sorted(groups.items(), key=lambda g: (not g[0][3], g[0][0], g[0][1], g[0][2]))
+
+
+def _variants(names: list[str], most: int = 4) -> str:
+    shown_names = ", ".join(n or "-" for n in names[:most])
+    return f"{len(names)}: {shown_names}" + (", ..." if len(names) > most else "")
+
+
 def render_markdown(comparisons: list[Mapping], drift_rows: int = 25) -> str:
     """The summary for a CI step (GitHub's step summary renders it): one section per target."""
     lines = ["# Upgrade check", ""]
@@ -338,10 +352,10 @@ def render_markdown(comparisons: list[Mapping], drift_rows: int = 25) -> str:
                   f" ({c['beyond_tolerance']} beyond tolerance)", ""]
         if c["status_changes"]:
             lines += [f"### Status changes ({len(c['status_changes'])})", "",
-                      "| variant | check | before | after | regression | message |", "|---|---|---|---|---|---|"]
-            lines += [f"| {s['variant']} | {s['check']} | {s['before']} | {s['after']} | "
-                      f"{'yes' if s['regression'] else 'no'} | {(s['message'] or '').replace('|', '/')[:160]} |"
-                      for s in c["status_changes"]]
+                      "| check | before | after | regression | variants | message |", "|---|---|---|---|---|---|"]
+            lines += [f"| {check} | {before} | {after} | {'yes' if regression else 'no'} | {_variants(variants)} | "
+                      f"{(message or '').replace('|', '/')[:160]} |"
+                      for (check, before, after, regression, message), variants in _grouped(c["status_changes"])]
             lines.append("")
         if c["drift"]:
             shown_rows = c["drift"][:drift_rows]
@@ -482,7 +496,8 @@ def bisect(check: str, good: str, bad: str, r: Recipe, out: Path, threshold: flo
 
     baseline = result(good)
     if not changes(baseline, result(bad), threshold):
-        print(f"no change: the check is the same on {good} and {bad}: {_numbers(baseline)}")
+        print(f"no change beyond the threshold from {good} to {bad}: {good}: {_numbers(baseline)}; "
+              f"{bad}: {_numbers(result(bad))}")
         return 1
     lo, hi = releases.index(good), releases.index(bad)
     candidates = list(releases)

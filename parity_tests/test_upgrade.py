@@ -90,6 +90,7 @@ def test_markdown_lists_every_finding_largest_drift_first():
     assert [line.split(" | ")[:2] for line in drift] == [
         ["| v-x", "test_logits_parity"], [f"| {TIMESFORMER}", "test_logits_parity"], [f"| {TIMESFORMER}", "test_golden"]]
     assert "| 4e-05 | 3.9e-05 | 2e-05 | **yes** |" in drift[1]
+    assert "| test_loading_keys | passed | failed | yes | 1: v-m | AssertionError: missing keys changed" in md
     assert "| v-m | test_loading_keys | missing 0" in md and "missing 1 (pooler.dense.weight)" in md
     assert "compared with the nearest recorded line 5.23" in md
     assert "### Configs that no longer load (1)" in md and "- v-n: OSError: Unrecognized model" in md
@@ -227,3 +228,14 @@ def test_a_real_environment_runs_a_check(tmp_path, capsys):
     assert doc["versions"]["transformers"] == version and doc["versions"]["torch"].startswith("2.13.0")
     assert [(r["check"], r["status"], r["keys"]["missing"]) for r in doc["rows"]] == [("test_loading_keys", "passed", [])]
     assert "**PASS**" in out
+
+
+def test_one_summary_row_per_kind_of_status_change():
+    base = _doc("4.57.6", [_row(f"v-{i}", "test_vision") for i in range(6)])
+    other = _doc("5.23.0", [_row(f"v-{i}", "test_vision", "failed", message="AssertionError: 63 of 63 keys missing")
+                            for i in range(6)])
+    c = upgrade.compare_runs(base, other)
+    assert c["regressions"] == 6 and len(c["status_changes"]) == 6  # the JSON keeps each
+    rows = [line for line in upgrade.render_markdown([c]).splitlines() if line.startswith("| test_vision")]
+    assert rows == ["| test_vision | passed | failed | yes | 6: v-0, v-1, v-2, v-3, ... | "
+                    "AssertionError: 63 of 63 keys missing |"]
