@@ -66,8 +66,6 @@ def test_training_config_object_is_never_constructed(tmp_path):
     assert weights.keys() == model.state_dict().keys()
 
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-
 # transformers 5.10.2 keyed its checkpoint conversion rules by class name instead of model type
 # (conversion_mapping.py: "xclip_vision_model" -> "clip_vision_model" became "xCLIPVisionModel" ->
 # "CLIPVisionModel", lowercase x, and the PrefixChange(prefix_to_remove="vision_model") rule moved to
@@ -82,9 +80,11 @@ STANDALONE_LOADS_NOTHING = pytest.mark.xfail(
         "(measured on the tiny 2-layer configs: 63 of 63 vision and 36 of 36 text keys missing)."))
 
 
-@pytest.mark.xfail(not TRANSFORMERS_5, strict=True, reason=(
-    "transformers 4.57.6: XCLIPProcessor(text=..., videos=...) silently returns no pixel_values (the video "
-    "is dropped; images= works); 5.x routes videos to the video processor."))
+# Bisected with upgrade-check (README): 5.6.2 still drops the video (returns only input_ids and
+# attention_mask), 5.7.0 keeps it; as `transformers < 5` this xfail let 5.0-5.6.2 fail.
+@pytest.mark.xfail(Version(transformers.__version__) < Version("5.7.0"), strict=True, reason=(
+    "transformers < 5.7.0: XCLIPProcessor(text=..., videos=...) silently returns no pixel_values (the video "
+    "is dropped; images= works); from 5.7.0 videos go to the video processor."))
 def test_processor_call_keeps_the_video(tmp_path):
     processor = xclip.hf_processor({"image_size": 14})
     frames = list(np.random.default_rng(0).integers(0, 256, (2, 20, 24, 3), dtype=np.uint8))
