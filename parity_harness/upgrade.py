@@ -367,10 +367,13 @@ def render_markdown(comparisons: list[Mapping], drift_rows: int = 25) -> str:
                       for d in shown_rows]
             lines.append("")
         if c["key_changes"]:
-            lines += [f"### Changed key lists ({len(c['key_changes'])})", "", "| variant | check | before | after |",
+            groups: dict[tuple, list[str]] = {}
+            for k in c["key_changes"]:
+                groups.setdefault((k["check"], _keys_text(k["before"]), _keys_text(k["after"])), []).append(k["variant"])
+            lines += [f"### Changed key lists ({len(c['key_changes'])})", "", "| check | variants | before | after |",
                       "|---|---|---|---|"]
-            lines += [f"| {k['variant']} | {k['check']} | {_keys_text(k['before'])} | {_keys_text(k['after'])} |"
-                      for k in c["key_changes"]]
+            lines += [f"| {check} | {_variants(names)} | {before} | {after} |"
+                      for (check, before, after), names in sorted(groups.items())]
             lines.append("")
         if c["nearest_key_line"]:
             lines += [f"Key lists: no record for transformers {'.'.join(str(c['other']).split('.')[:2])}; compared with "

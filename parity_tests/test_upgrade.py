@@ -91,7 +91,7 @@ def test_markdown_lists_every_finding_largest_drift_first():
         ["| v-x", "test_logits_parity"], [f"| {TIMESFORMER}", "test_logits_parity"], [f"| {TIMESFORMER}", "test_golden"]]
     assert "| 4e-05 | 3.9e-05 | 2e-05 | **yes** |" in drift[1]
     assert "| test_loading_keys | passed | failed | yes | 1: v-m | AssertionError: missing keys changed" in md
-    assert "| v-m | test_loading_keys | missing 0" in md and "missing 1 (pooler.dense.weight)" in md
+    assert "| test_loading_keys | 1: v-m | missing 0; unexpected 0; mismatched 0 | missing 1 (pooler.dense.weight);" in md
     assert "compared with the nearest recorded line 5.23" in md
     assert "### Configs that no longer load (1)" in md and "- v-n: OSError: Unrecognized model" in md
 
