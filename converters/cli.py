@@ -4,13 +4,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import warnings
 
 from . import errors
 from .errors import shown
-from .registry import (UnknownVariantError, all_variants, family_module, get_variant, hub_config_values,
-                       known_divergence)
+from .registry import UnknownVariantError, all_variants, family, get_variant, hub_config_values, known_divergence
 
 
 def _config_summary(v) -> str:
@@ -38,24 +36,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _original_summary(v) -> str:
     """Whether the converted model (default config) reproduces the original as released."""
-    if not hasattr(family_module(v.family), "convert"):
-        return "-"
     known = known_divergence(v)
     return "yes" if known is None else f"NO: {known.summary()}"
 
 
 def cmd_list(args) -> int:
     variants = [v for v in all_variants() if not args.family or v.family == args.family]
-    rows = [[v.name, v.family, "yes" if hasattr(family_module(v.family), "convert") else "data only",
-             _config_summary(v), _original_summary(v), v.source.url or "-", _reference_summary(v)] for v in variants]
-    print(_table(rows, ["variant", "family", "converter", "config", "reproduces original", "source",
-                        "published reference"]))
+    rows = [[v.name, v.family, _config_summary(v), _original_summary(v), v.source.url or "-", _reference_summary(v)]
+            for v in variants]
+    print(_table(rows, ["variant", "family", "config", "reproduces original", "source", "published reference"]))
     print(f"\n{len(variants)} variants")
-    for family in dict.fromkeys(v.family for v in variants):
-        hub = hub_config_values(next(v for v in variants if v.family == family))
-        if hub:
-            print(f"{family}: the converted config keeps the original's numerics; the published hub config has "
-                  f"{_changes(next(v for v in variants if v.family == family), hub)} and computes the published "
+    for name in dict.fromkeys(v.family for v in variants):
+        first = next(v for v in variants if v.family == name)
+        if hub := hub_config_values(first):
+            print(f"{name}: the converted config keeps the original's numerics; the published hub config has "
+                  f"{_changes(first, hub)} and computes the published "
                   f"values instead (convert --hub-config writes it)")
     return 0
 
@@ -71,8 +66,6 @@ def cmd_convert(args) -> int:
     from . import downloads, pipeline
 
     variant = get_variant(args.variant)
-    if not hasattr(family_module(variant.family), "convert"):
-        raise SystemExit(f"error: {variant.family} has no converter yet (variant {variant.name} is registry data only)")
     with downloads.forced_offline("--offline") if args.offline else contextlib.nullcontext():
         out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
                                     hub_config=args.hub_config, progress=lambda msg: print(msg, file=sys.stderr))
@@ -99,12 +92,12 @@ def _verify(variant, out) -> None:
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise SystemExit(f"verify failed: {problems}")
-    family = family_module(variant.family)
-    if not hasattr(family, "verify_inputs"):
+    verify_inputs = family(variant.family).verify_inputs
+    if verify_inputs is None:
         print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys", file=sys.stderr)
         return
     with torch.no_grad():
-        outputs = model.eval()(**family.verify_inputs(model.config))
+        outputs = model.eval()(**verify_inputs(model.config))
     bad = [k for k, v in outputs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
     if bad:
         raise SystemExit(f"verify failed: non-finite outputs {bad}")
@@ -113,65 +106,13 @@ def _verify(variant, out) -> None:
           f"a random input gives finite outputs {shapes}", file=sys.stderr)
 
 
-def _vs_original(v, diffs) -> tuple[str, bool]:
-    """The matrix's second verdict: does the converted model reproduce the original as
-    released? A known port difference (registry.known_divergence) must still be seen."""
-    worst = max(diffs, key=lambda d: d.max_abs)
-    reproduces, known = all(d.ok for d in diffs), known_divergence(v)
-    if known is None:
-        return ("REPRODUCES" if reproduces else f"FAIL {worst.describe()}"), reproduces
-    if reproduces:
-        return (f"FAIL reproduces ({worst.max_abs:.2e}) but is listed as diverging: update "
-                f"{v.family}.KNOWN_DIVERGENCES"), False
-    return f"DIVERGES {worst.max_abs:.3g}: {known.cause}", True
-
-
 def cmd_matrix(args) -> int:
-    """The offline parity matrix: tiny original reference vs converted HF model, per variant.
-    Two verdicts: the weight mapping (against the original, or for a known port difference
-    the original run with the port's structure) and whether the converted model
-    reproduces the original as released."""
+    """The offline parity matrix; the harness runs it (parity_harness/matrix.py)."""
     try:
-        from fixtures import harness
-        from parity_harness import golden
-        from parity_harness.compare import compare_outputs
+        from parity_harness import matrix
     except ImportError:
         raise SystemExit("error: the matrix needs the repository checkout (fixtures/); run it from there")
-    from .registry import convertible_variants
-
-    variants = [v for v in convertible_variants() if not args.k or any(k in v.name for k in args.k)]
-    if not variants:
-        raise SystemExit(f"error: no convertible variant matches {args.k}")
-    rows, weights_failed, vs_failed, diverging = [], 0, 0, 0
-    for i, v in enumerate(variants, 1):
-        t0 = time.perf_counter()
-        c = harness.case(v.name)
-        tol = c.adapter.tolerance
-        outputs = c.hf_outputs()
-        vs_diffs = compare_outputs(c.reference, outputs, **tol)
-        weights = compare_outputs(harness.weights_reference(c), outputs, **tol)
-        record = golden.read(v.name)
-        drift = (max(d.max_abs for d in compare_outputs(record["arrays"], {k: o.numpy() for k, o in outputs.items()}, **tol))
-                 if record else float("nan"))
-        weights_ok = all(d.ok for d in weights)
-        vs_text, vs_ok = _vs_original(v, vs_diffs)
-        weights_failed += not weights_ok
-        vs_failed += not vs_ok
-        diverging += vs_ok and known_divergence(v) is not None
-        worst = max(weights, key=lambda d: d.max_abs)
-        rows.append([v.name, v.family, "PASS" if weights_ok else "FAIL", f"{worst.max_abs:.2e}", f"{worst.max_rel:.2e}",
-                     f"{tol['atol']:g}/{tol['rtol']:g}", f"{drift:.2e}", f"{time.perf_counter() - t0:.2f}s", vs_text])
-        print(f"[{i}/{len(variants)}] {v.name}: weights {'PASS' if weights_ok else 'FAIL ' + worst.describe()}; "
-              f"vs original {vs_text}", file=sys.stderr)
-    print(_table(rows, ["variant", "family", "weights", "max abs", "max rel", "atol/rtol", "golden drift", "time",
-                        "vs original (as converted)"]))
-    passed = len(variants) - weights_failed
-    reproduce = len(variants) - vs_failed - diverging
-    summary = (f"{passed} weight mappings pass" + (f", {weights_failed} fail" if weights_failed else "")
-               + f"; {reproduce} reproduce the original, {diverging} diverge (known port differences)"
-               + (f", {vs_failed} fail" if vs_failed else ""))
-    print(f"\n{summary}")
-    return 1 if weights_failed or vs_failed else 0
+    return matrix.run(args.k)
 
 
 def cmd_report(args) -> int:

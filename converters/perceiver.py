@@ -4,23 +4,21 @@ The six released models share one encoder; each has its own HF class (each
 variant's config names it as "model_class"), preprocessor and decoder. The
 checkpoint is a Haiku params tree (plus batch-norm state for the conv model),
 flattened by the loader as "module/name" and "state/module/name". Converting
-is a rename per class plus three layout changes: hk.Linear `w` (in, out) is
-transposed, hk.Conv2D kernels go from HWIO to OIHW, batch-norm tensors
-(1, 1, 1, C) are flattened.
+is one rule table per class, whose rules carry the layout changes: hk.Linear `w`
+(in, out) is transposed, hk.Conv2D kernels go from HWIO to OIHW, batch-norm tensors
+(1, 1, 1, C) are flattened and its counter widened to torch's int64.
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 
-from . import reshape
-from .registry import InputRecipe, KnownDivergence, PublishedValues, Source, Variant
-from .rename import rename_keys, rules
+from .family import Family, InputRecipe, KnownDivergence, PublishedValues, Source, Variant
+from .rename import rules
+from .reshape import CONV_KERNEL_CHANNELS_LAST_TO_FIRST, FLATTEN, MATMUL_KERNEL_TO_LINEAR, TO_INT64
 
-FAMILY = "perceiver"
-MODEL_CLASS = None  # per variant: config["model_class"]
+NAME = "perceiver"
 
 _GCS = "https://storage.googleapis.com/perceiver_io/"
 # Every original runs jax.nn.gelu (deepmind-research perceiver/perceiver.py MLP, line 199 at
@@ -165,14 +163,15 @@ def _variant(name: str) -> Variant:
     model_class, filename, config, inputs, published, notes = _MODELS[name]
     return Variant(
         name=name,
-        family=FAMILY,
+        family=NAME,
         hub_id=f"deepmind/{name}",
         config=dict(model_class=model_class, **config, **_FAITHFUL_NUMERICS),
         source=Source(url=_GCS + filename, filename=filename, container="haiku_pickle"),
         inputs=inputs,
         published=published,
         notes=f"{notes}; {_NUMERICS_NOTE}; checkpoint URL from the deepmind colab (the script reads a local "
-              "pickle); unpickling can run code",
+              "pickle; the loader here unpickles only containers and numeric arrays, nothing from the file runs: "
+              "converters/haiku_files.py)",
     )
 
 
@@ -263,12 +262,14 @@ def hf_processor(spec: Mapping):
 # (LayerNorm, BatchNorm), `pos_embs` (trainable position encodings); modules built
 # in a parent's __init__ are `parent/~/child`, in another method `parent/~method/child`.
 
-def _linear(src: str, dst: str):
-    return ((f"{src}/w", f"{dst}.weight"), (f"{src}/b", f"{dst}.bias"))
+def _linear(src: str, dst: str, kernel_op=MATMUL_KERNEL_TO_LINEAR):
+    """hk.Linear (w: (in, out)); hk.Conv2D with kernel_op=CONV_KERNEL_CHANNELS_LAST_TO_FIRST (w: HWIO)."""
+    return ((f"{src}/w", f"{dst}.weight", kernel_op), (f"{src}/b", f"{dst}.bias"))
 
 
-def _norm(src: str, dst: str):
-    return ((f"{src}/scale", f"{dst}.weight"), (f"{src}/offset", f"{dst}.bias"))
+def _norm(src: str, dst: str, op=None):
+    """hk.LayerNorm; hk.BatchNorm with op=FLATTEN (its (1, 1, 1, C) parameters)."""
+    return ((f"{src}/scale", f"{dst}.weight", op), (f"{src}/offset", f"{dst}.bias", op))
 
 
 def _attention_and_mlp(src: str, dst: str):
@@ -322,7 +323,7 @@ _IMAGE_PRE = "image_preprocessor"
 _STEM = f"{_IMAGE_PRE}/~/conv2_d_downsample/~"
 _BN_STATE = f"state/{_STEM}/batchnorm/~"
 
-RENAMES = {
+RULES = {
     "PerceiverForMaskedLM": rules(
         ("embed/embeddings", "perceiver.input_preprocessor.embeddings.weight"),
         ("trainable_position_encoding/pos_embs", "perceiver.input_preprocessor.position_embeddings.weight"),
@@ -333,7 +334,8 @@ RENAMES = {
         ("embedding_decoder/bias", "embedding_decoder.bias"),  # logits = out @ embeddings.T + bias
     ),
     "PerceiverForImageClassificationLearned": rules(
-        *_linear(f"{_IMAGE_PRE}/~/conv2_d", "perceiver.input_preprocessor.convnet_1x1"),
+        *_linear(f"{_IMAGE_PRE}/~/conv2_d", "perceiver.input_preprocessor.convnet_1x1",
+                 CONV_KERNEL_CHANNELS_LAST_TO_FIRST),
         (f"{_IMAGE_PRE}/~_build_network_inputs/trainable_position_encoding/pos_embs",
          "perceiver.input_preprocessor.position_embeddings.position_embeddings"),
         *_linear(f"{_IMAGE_PRE}/~_build_network_inputs/position_encoding_projector/linear",
@@ -342,13 +344,14 @@ RENAMES = {
     ),
     "PerceiverForImageClassificationFourier": rules(*_encoder("perceiver_encoder"), *_CLASSIFIER),
     "PerceiverForImageClassificationConvProcessing": rules(
-        (f"{_STEM}/conv/w", "perceiver.input_preprocessor.convnet.conv.weight"),
-        *_norm(f"{_STEM}/batchnorm", "perceiver.input_preprocessor.convnet.batchnorm"),
+        (f"{_STEM}/conv/w", "perceiver.input_preprocessor.convnet.conv.weight", CONV_KERNEL_CHANNELS_LAST_TO_FIRST),
+        *_norm(f"{_STEM}/batchnorm", "perceiver.input_preprocessor.convnet.batchnorm", FLATTEN),
         # hk.BatchNorm at eval reads each ExponentialMovingAverage's debiased `average`;
         # `hidden` is its raw accumulator, and both EMAs count the same updates.
-        (f"{_BN_STATE}/mean_ema/average", "perceiver.input_preprocessor.convnet.batchnorm.running_mean"),
-        (f"{_BN_STATE}/var_ema/average", "perceiver.input_preprocessor.convnet.batchnorm.running_var"),
-        (f"{_BN_STATE}/mean_ema/counter", "perceiver.input_preprocessor.convnet.batchnorm.num_batches_tracked"),
+        (f"{_BN_STATE}/mean_ema/average", "perceiver.input_preprocessor.convnet.batchnorm.running_mean", FLATTEN),
+        (f"{_BN_STATE}/var_ema/average", "perceiver.input_preprocessor.convnet.batchnorm.running_var", FLATTEN),
+        (f"{_BN_STATE}/mean_ema/counter", "perceiver.input_preprocessor.convnet.batchnorm.num_batches_tracked",
+         TO_INT64),
         (f"{_BN_STATE}/var_ema/counter", None),
         (f"{_BN_STATE}/{{ema}}/hidden", None),
         *_encoder("perceiver_encoder"), *_CLASSIFIER,
@@ -371,35 +374,6 @@ RENAMES = {
                  "perceiver.output_postprocessor.modalities.label.classifier"),
     ),
 }
-
-
-# ---- layout changes, by original key (first match wins) ----------------------------
-
-def _flatten(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
-
-
-def _count(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int64)  # torch keeps num_batches_tracked as int64
-
-
-RESHAPES = (
-    (r".*/conv(2_d)?/w", reshape.conv_kernel_channels_last_to_first),  # hk.Conv2D: HWIO -> OIHW
-    (r".*/w", reshape.dense_kernel_to_linear),  # hk.Linear: (in, out) -> (out, in)
-    (r".*batchnorm.*/(scale|offset|average)", _flatten),  # hk.BatchNorm keeps (1, 1, 1, C)
-    (r".*/counter", _count),
-)
-_RESHAPES = tuple((re.compile(p), op) for p, op in RESHAPES)
-
-
-def _relayout(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    return next((op(tensor) for pattern, op in _RESHAPES if pattern.fullmatch(key)), tensor)
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping) -> dict[str, torch.Tensor]:
-    """Flat Haiku params ("module/name", "state/module/name") -> HF state dict."""
-    mapping = rename_keys(state_dict.keys(), RENAMES[spec["model_class"]])
-    return {new: _relayout(old, state_dict[old]) for old, new in mapping.items() if new is not None}
 
 
 # ---- the real-checkpoint tier ----------------------------------------------------------
@@ -456,3 +430,9 @@ def real_outputs(model, variant: Variant, files) -> dict:
     if cls == "PerceiverForOpticalFlow":
         return {"logits": logits, "logits_corner": logits[:, :3, :3, :3].flatten(1)}
     return {"logits": logits}
+
+
+FAMILY = Family(
+    name=NAME, variants=VARIANTS, tables=RULES,  # per HF class; flat Haiku "module/name", "state/module/name"
+    hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
+    known_divergences=KNOWN_DIVERGENCES, hub_config=HUB_CONFIG)

@@ -13,7 +13,8 @@ import torch
 
 from . import downloads, errors, flax_files, haiku_files, output_dir, state_dicts, torch_files
 from .errors import shown
-from .registry import Variant, family_module, hub_config_values
+from .family import Variant
+from .registry import family, hub_config_values
 
 log = logging.getLogger("convert_parity")
 
@@ -37,19 +38,17 @@ def load_original_state_dict(path, variant: Variant) -> dict[str, torch.Tensor]:
 def hf_model_class(variant: Variant):
     import transformers
 
-    name = family_module(variant.family).MODEL_CLASS or variant.config["model_class"]
-    return getattr(transformers, name)
+    return getattr(transformers, family(variant.family).model_class(variant.config))
 
 
 def for_installed_transformers(variant: Variant, converted: Mapping) -> dict:
     """The converted state dict under the installed transformers' own key names.
 
     What is written to disk may follow another line's schema (from_pretrained
-    renames on load); a family whose names differ by version provides
-    `installed_schema(state_dict)` for in-memory `load_state_dict`.
+    renames on load); the family's `installed_schema` gives the installed line's names
+    for in-memory `load_state_dict`.
     """
-    family = family_module(variant.family)
-    return family.installed_schema(converted) if hasattr(family, "installed_schema") else dict(converted)
+    return family(variant.family).installed_schema(converted)
 
 
 def check_against_model(variant: Variant, converted: Mapping, config) -> None:
@@ -107,7 +106,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory.
     hub_config: write the published hub config's values where they differ from the
     original's computation (registry.hub_config_values), not the original's."""
-    family = family_module(variant.family)
+    fam = family(variant.family)
     spec = dict(spec or spec_of(variant))
     if hub_config:
         spec.update(hub_config_values(variant))
@@ -122,16 +121,16 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     original = load_cached_checkpoint(path, variant, from_cache=downloads.is_url(checkpoint))
     progress(f"[3/4] converting {len(original)} tensors")
     try:
-        converted = family.convert(original, spec)
+        converted = fam.convert(original, spec)
     except KeyError as err:  # a rename table meeting a key it has no rule for
         raise errors.CheckpointError(f"the checkpoint does not fit {variant.name}: {err}") from err
     labels = load_label_names(variant)
-    config = family.hf_config(spec, labels)
+    config = fam.hf_config(spec, labels)
     check_against_model(variant, converted, config)
     progress(f"[4/4] writing {out}")
-    output_dir.save_converted(converted, config, out, processor=family.hf_processor(spec), overwrite=overwrite,
+    output_dir.save_converted(converted, config, out, processor=fam.hf_processor(spec), overwrite=overwrite,
                                protected=(path,))
-    for warning in getattr(family, "user_warnings", lambda v: ())(variant):  # port differences users must handle
+    for warning in fam.user_warnings(variant):  # port differences users must handle
         log.warning("%s: %s", variant.name, warning)
     unnamed = "; label names not available, the config has LABEL_i" if variant.config.get("label_file") and not labels else ""
     progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}{unnamed}")

@@ -1,16 +1,41 @@
-"""Layout changes between original frameworks and torch, each with its inverse.
+"""Layout changes between original frameworks and torch, each a named `Op` that
+carries its inverse; a rule of a family's table (converters/rename.py) names the op
+its tensor goes through.
 
-Every op is a view or permutation (no arithmetic), so a converted weight holds the
-same numbers as the original. parity_tests/test_reshape_ops.py checks, for random
-shapes, that each op round-trips and that the torch layer computes the same map as
-the original framework's layer with the original layout.
+Every op is a view or permutation (no arithmetic; the batch-norm counter's is a dtype
+widening), so a converted weight holds the same numbers as the original.
+parity_tests/test_properties.py checks, for every op the tables use and random shapes,
+that it round-trips and that the torch layer computes the same map as the original
+framework's layer with the original layout, and for every variant that the inverse
+table restores the original state dict.
 """
 from __future__ import annotations
 
-import re
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+
+@dataclass(frozen=True)
+class Op:
+    """A named layout change and its inverse.
+
+    `inverse(converted, like)` gets the original tensor's shape and dtype from `like`
+    (a meta tensor will do): a torch layout alone cannot tell, say, how many heads an
+    attention kernel had. An op with `outputs` > 1 returns that many tensors (one
+    source key, several targets) and its inverse takes them as a tuple."""
+
+    name: str
+    forward: Callable
+    inverse: Callable
+    outputs: int = 1
+
+    def __call__(self, tensor: torch.Tensor):
+        return self.forward(tensor)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def split_qkv(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,28 +53,13 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return torch.cat([q, k, v], dim=0)
 
 
-def split_fused_qkv(state_dict: Mapping[str, torch.Tensor], pattern: str, target: str,
-                    names: tuple[str, str, str] = ("q", "k", "v")) -> dict[str, torch.Tensor]:
-    """Every key fully matching `pattern` (a regex with named groups) is split into
-    three, named by `target` formatted with those groups and `qkv` in `names`; other
-    keys pass through. E.g. `(?P<m>.+)\\.in_proj_(?P<p>weight|bias)` -> `{m}.{qkv}_proj.{p}`."""
-    regex, out = re.compile(pattern), {}
-    for key, value in state_dict.items():
-        m = regex.fullmatch(key)
-        if m is None:
-            out[key] = value
-            continue
-        for name, part in zip(names, split_qkv(value)):
-            out[target.format(qkv=name, **m.groupdict())] = part
-    return out
-
-
-def dense_kernel_to_linear(kernel: torch.Tensor) -> torch.Tensor:
-    """Flax/Haiku dense kernel (in, out), used as x @ w -> torch Linear weight (out, in)."""
+def matmul_kernel_to_linear(kernel: torch.Tensor) -> torch.Tensor:
+    """A matrix (in, out) applied as x @ w (Flax/Haiku dense kernels, CLIP's text and visual
+    projections) -> torch Linear weight (out, in)."""
     return kernel.T
 
 
-def linear_to_dense_kernel(weight: torch.Tensor) -> torch.Tensor:
+def linear_to_matmul_kernel(weight: torch.Tensor) -> torch.Tensor:
     return weight.T
 
 
@@ -97,3 +107,28 @@ def conv_kernel_channels_last_to_first(kernel: torch.Tensor) -> torch.Tensor:
 def conv_kernel_channels_first_to_last(weight: torch.Tensor) -> torch.Tensor:
     n = weight.dim()
     return weight.permute(*range(2, n), 1, 0)
+
+
+def flatten(tensor: torch.Tensor) -> torch.Tensor:
+    """hk.BatchNorm keeps its parameters and statistics as (1, 1, 1, C); torch as (C,)."""
+    return tensor.reshape(-1)
+
+
+def to_int64(count: torch.Tensor) -> torch.Tensor:
+    """An update counter as torch's num_batches_tracked (int64)."""
+    return count.to(torch.int64)
+
+
+SPLIT_QKV = Op("split_qkv", split_qkv, lambda parts, like: merge_qkv(*parts), outputs=3)
+MATMUL_KERNEL_TO_LINEAR = Op("matmul_kernel_to_linear", matmul_kernel_to_linear,
+                             lambda weight, like: linear_to_matmul_kernel(weight))
+HEADS_IN_KERNEL_TO_LINEAR = Op("heads_in_kernel_to_linear", heads_in_kernel_to_linear,
+                               lambda weight, like: linear_to_heads_in_kernel(weight, like.shape[1]))
+HEADS_BIAS_TO_LINEAR = Op("heads_bias_to_linear", heads_bias_to_linear,
+                          lambda bias, like: linear_to_heads_bias(bias, like.shape[0]))
+HEADS_OUT_KERNEL_TO_LINEAR = Op("heads_out_kernel_to_linear", heads_out_kernel_to_linear,
+                                lambda weight, like: linear_to_heads_out_kernel(weight, like.shape[0]))
+CONV_KERNEL_CHANNELS_LAST_TO_FIRST = Op("conv_kernel_channels_last_to_first", conv_kernel_channels_last_to_first,
+                                        lambda weight, like: conv_kernel_channels_first_to_last(weight))
+FLATTEN = Op("flatten", flatten, lambda flat, like: flat.reshape(like.shape))
+TO_INT64 = Op("to_int64", to_int64, lambda count, like: count.to(like.dtype))

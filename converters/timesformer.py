@@ -10,11 +10,10 @@ from typing import Mapping
 
 import torch
 
-from .registry import InputRecipe, PublishedValues, Source, Variant
-from .rename import apply_renames, prefixed, rules
+from .family import Family, InputRecipe, PublishedValues, Source, Variant
+from .rename import prefixed, rules
 
-FAMILY = "timesformer"
-MODEL_CLASS = "TimesformerForVideoClassification"
+NAME = "timesformer"
 
 _SIZES = {  # name: (image size, frames); all are ViT-B/16 (768 wide, 12 layers, 12 heads)
     "base": (224, 8),
@@ -77,7 +76,7 @@ def _variant(size: str, dataset: str) -> Variant:
     org = "fcakyon" if size == "large" else "facebook"  # upstream pushed the large models there
     return Variant(
         name=f"timesformer-{size}-finetuned-{dataset}",
-        family=FAMILY,
+        family=NAME,
         hub_id=f"{org}/timesformer-{size}-finetuned-{dataset}",
         config=dict(image_size=image_size, patch_size=16, num_frames=frames, hidden_size=768,
                     num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -152,7 +151,7 @@ _BLOCK = (
     ("mlp.fc2.{p}", "output.dense.{p}"),
 )
 
-RENAMES = rules(
+RULES = rules(
     ("cls_token", "timesformer.embeddings.cls_token"),
     ("pos_embed", "timesformer.embeddings.position_embeddings"),
     ("time_embed", "timesformer.embeddings.time_embeddings"),
@@ -161,11 +160,6 @@ RENAMES = rules(
     ("norm.{p}", "timesformer.layernorm.{p}"),
     ("head.{p}", "classifier.{p}"),
 )
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """Original state dict (without the `model.` prefix) -> HF state dict."""
-    return apply_renames(state_dict, RENAMES)
 
 
 def user_warnings(variant: Variant) -> tuple[str, ...]:
@@ -191,3 +185,9 @@ def real_outputs(model, variant: Variant, files) -> dict:
 def verify_inputs(config) -> dict:
     """A random video of the configured size, for `convert --verify`."""
     return {"pixel_values": torch.randn(1, config.num_frames, config.num_channels, config.image_size, config.image_size)}
+
+
+FAMILY = Family(
+    name=NAME, variants=VARIANTS, tables={"TimesformerForVideoClassification": RULES},  # keys without `model.`
+    hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
+    user_warnings=user_warnings, verify_inputs=verify_inputs)

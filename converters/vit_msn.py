@@ -3,21 +3,19 @@
 The converter reads the EMA `target_encoder` of the training container (the loader
 strips its `module.` prefix), splits the fused qkv and drops the MSN projection head
 `fc.*`, which has no HF counterpart. Key schema on disk: transformers 4.x names, as
-for ViViT (see converters/vivit.py): the published checkpoints' names, loadable by
-4.57 and renamed on load by 5.x.
+for ViViT (see converters/vit_hf5_names.py): the published checkpoints' names, loadable
+by 4.57 and renamed on load by 5.x.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-import torch
+from . import vit_hf5_names
+from .family import Family, InputRecipe, PublishedValues, Source, Variant
+from .rename import prefixed, rules
+from .reshape import SPLIT_QKV
 
-from . import reshape
-from .registry import InputRecipe, PublishedValues, Source, Variant
-from .rename import apply_renames, prefixed, rules
-from .vivit import installed_uses_hf5_names, to_hf5_names
-
-FAMILY = "vit_msn"
+NAME = "vit_msn"
 MODEL_CLASS = "ViTMSNModel"
 
 _WIDTHS = {  # hidden, intermediate, layers, heads
@@ -69,7 +67,7 @@ def _variant(name: str) -> Variant:
         notes.append("the script's values for l7 sit in its final `else` branch")
     return Variant(
         name=name,
-        family=FAMILY,
+        family=NAME,
         hub_id=f"facebook/{name}",
         config=dict(image_size=224, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
                     num_attention_heads=heads, intermediate_size=intermediate, num_labels=1000,
@@ -140,16 +138,18 @@ def recipe_processor(variant: Variant):
 
 # ---- rename table ---------------------------------------------------------------------------
 
-_BLOCK = (  # DeiT block (after the qkv split) -> HF 4.x ViTMSNLayer
+_BLOCK = (  # DeiT block -> HF 4.x ViTMSNLayer
     ("norm1.{p}", "layernorm_before.{p}"),
-    *((f"attn.{x}.{{p}}", f"attention.attention.{x}.{{p}}") for x in ("query", "key", "value")),
+    # the fused qkv Linear, rows [q; k; v]
+    *((f"attn.qkv.{p}", tuple(f"attention.attention.{x}.{p}" for x in ("query", "key", "value")), SPLIT_QKV)
+      for p in ("weight", "bias")),
     ("attn.proj.{p}", "attention.output.dense.{p}"),
     ("norm2.{p}", "layernorm_after.{p}"),
     ("mlp.fc1.{p}", "intermediate.dense.{p}"),
     ("mlp.fc2.{p}", "output.dense.{p}"),
 )
 
-RENAMES = rules(
+RULES = rules(
     ("cls_token", "embeddings.cls_token"),
     ("pos_embed", "embeddings.position_embeddings"),
     ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
@@ -157,21 +157,6 @@ RENAMES = rules(
     ("norm.{p}", "layernorm.{p}"),
     ("fc.{layer}.{p}", None),  # the MSN projection head: not part of the backbone
 )
-
-
-def split_qkv(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`blocks.i.attn.qkv.*` (rows [q; k; v]) -> `blocks.i.attn.{query,key,value}.*`."""
-    return reshape.split_fused_qkv(state_dict, r"(?P<m>blocks\.\d+\.attn)\.qkv\.(?P<p>weight|bias)",
-                                   "{m}.{qkv}.{p}", names=("query", "key", "value"))
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """target_encoder state dict (without `module.`) -> HF ViTMSNModel state dict (4.x names)."""
-    return apply_renames(split_qkv(state_dict), RENAMES)
-
-
-def installed_schema(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return to_hf5_names(state_dict) if installed_uses_hf5_names(MODEL_CLASS) else dict(state_dict)
 
 
 # ---- the published check -------------------------------------------------------------------
@@ -188,3 +173,9 @@ def real_outputs(model, variant: Variant, files) -> dict:
     """last_hidden_state of the backbone (the script checks its cls token). The
     script seeds torch before the forward pass; the backbone has no randomness at eval."""
     return {"last_hidden_state": model(**real_input(variant, files)).last_hidden_state}
+
+
+FAMILY = Family(
+    name=NAME, variants=VARIANTS, tables={MODEL_CLASS: RULES},  # target_encoder without `module.`
+    hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
+    installed_schema=vit_hf5_names.installed_schema(MODEL_CLASS))

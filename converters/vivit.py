@@ -11,21 +11,20 @@ attention.query`, ...). They are what the published checkpoints carry, what 4.57
 can load, what 5.x renames on load (conversion_mapping "ViTModel") and what 5.x's
 own save_pretrained writes back (it reverts that mapping), so one converted
 directory loads under both lines and the output does not depend on the installed
-version. `installed_schema` gives the installed line's names for an in-memory
-load_state_dict.
+version. The family's `installed_schema` gives the installed line's names for an
+in-memory load_state_dict (converters/vit_hf5_names.py).
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping
 
-import torch
+from . import vit_hf5_names
+from .family import Family, InputRecipe, PublishedValues, Source, Variant
+from .rename import prefixed, rules
+from .reshape import (CONV_KERNEL_CHANNELS_LAST_TO_FIRST, HEADS_BIAS_TO_LINEAR, HEADS_IN_KERNEL_TO_LINEAR,
+                      HEADS_OUT_KERNEL_TO_LINEAR, MATMUL_KERNEL_TO_LINEAR)
 
-from . import reshape
-from .registry import InputRecipe, PublishedValues, Source, Variant
-from .rename import Rule, apply_renames, prefixed, rename_keys, rules
-
-FAMILY = "vivit"
+NAME = "vivit"
 MODEL_CLASS = "VivitForVideoClassification"
 
 _URL = "https://storage.googleapis.com/scenic-bucket/vivit/kinetics_400/vivit_base_16x2_unfactorized/checkpoint"
@@ -65,7 +64,7 @@ _PUBLISHED = (
 VARIANTS = (
     Variant(
         name="vivit-b-16x2-kinetics400",
-        family=FAMILY,
+        family=NAME,
         hub_id="google/vivit-b-16x2-kinetics400",
         config=_CONFIG,
         source=Source(url=_URL, filename="checkpoint", container="flax_msgpack",
@@ -113,97 +112,41 @@ def hf_processor(spec: Mapping, recipe: Mapping = SCRIPT_RECIPE):
                                   "crop_size": {"height": size, "width": size}})
 
 
-# ---- rename table and layouts -----------------------------------------------------------
+# ---- rule table ---------------------------------------------------------------------------
+# Each kernel goes to its torch layout through one op; biases and norms are copied.
 
-def _dense(src: str, dst: str):
-    return ((f"{src}/kernel", f"{dst}.weight"), (f"{src}/bias", f"{dst}.bias"))
+def _dense(src: str, dst: str, kernel_op=MATMUL_KERNEL_TO_LINEAR, bias_op=None):
+    return ((f"{src}/kernel", f"{dst}.weight", kernel_op), (f"{src}/bias", f"{dst}.bias", bias_op))
 
 
 def _norm(src: str, dst: str):
     return ((f"{src}/scale", f"{dst}.weight"), (f"{src}/bias", f"{dst}.bias"))
 
 
+def _heads_in(src: str, dst: str):  # Flax attention q/k/v: (D, heads, head_dim) kernel, (heads, head_dim) bias
+    return _dense(src, dst, HEADS_IN_KERNEL_TO_LINEAR, HEADS_BIAS_TO_LINEAR)
+
+
 _ATTN = "MultiHeadDotProductAttention_0"
 _BLOCK = (  # scenic encoderblock -> HF 4.x VivitLayer
     *_norm("LayerNorm_0", "layernorm_before"),
-    *_dense(f"{_ATTN}/query", "attention.attention.query"),
-    *_dense(f"{_ATTN}/key", "attention.attention.key"),
-    *_dense(f"{_ATTN}/value", "attention.attention.value"),
-    *_dense(f"{_ATTN}/out", "attention.output.dense"),
+    *_heads_in(f"{_ATTN}/query", "attention.attention.query"),
+    *_heads_in(f"{_ATTN}/key", "attention.attention.key"),
+    *_heads_in(f"{_ATTN}/value", "attention.attention.value"),
+    *_dense(f"{_ATTN}/out", "attention.output.dense", HEADS_OUT_KERNEL_TO_LINEAR),  # (heads, head_dim, D)
     *_norm("LayerNorm_1", "layernorm_after"),
     *_dense("MlpBlock_0/Dense_0", "intermediate.dense"),
     *_dense("MlpBlock_0/Dense_1", "output.dense"),
 )
 
-RENAMES = rules(
+RULES = rules(
     ("cls", "vivit.embeddings.cls_token"),
-    *_dense("embedding", "vivit.embeddings.patch_embeddings.projection"),
+    *_dense("embedding", "vivit.embeddings.patch_embeddings.projection", CONV_KERNEL_CHANNELS_LAST_TO_FIRST),  # THWIO
     ("Transformer/posembed_input/pos_embedding", "vivit.embeddings.position_embeddings"),
     *prefixed("Transformer/encoderblock_{i}/", "vivit.encoder.layer.{i}.", _BLOCK),
     *_norm("Transformer/encoder_norm", "vivit.layernorm"),
     *_dense("output_projection", "classifier"),
 )
-
-_BLOCK_KEY = "Transformer/encoderblock_{i}/"
-LAYOUTS = tuple((Rule(source, None), op) for source, op in (  # source key -> torch layout; the rest is copied
-    ("embedding/kernel", reshape.conv_kernel_channels_last_to_first),
-    *((f"{_BLOCK_KEY}{_ATTN}/{x}/kernel", reshape.heads_in_kernel_to_linear) for x in ("query", "key", "value")),
-    *((f"{_BLOCK_KEY}{_ATTN}/{x}/bias", reshape.heads_bias_to_linear) for x in ("query", "key", "value")),
-    (f"{_BLOCK_KEY}{_ATTN}/out/kernel", reshape.heads_out_kernel_to_linear),
-    (f"{_BLOCK_KEY}MlpBlock_0/{{dense}}/kernel", reshape.dense_kernel_to_linear),
-    ("output_projection/kernel", reshape.dense_kernel_to_linear),
-))
-
-
-def _to_torch_layout(key: str, value: torch.Tensor) -> torch.Tensor:
-    ops = [op for rule, op in LAYOUTS if rule.apply(key)[0]]
-    if len(ops) > 1:
-        raise ValueError(f"{key}: several layout rules match")
-    return ops[0](value) if ops else value
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """Flattened scenic param tree ("/"-joined) -> HF state dict (4.x key names)."""
-    return apply_renames({k: _to_torch_layout(k, v) for k, v in state_dict.items()}, RENAMES)
-
-
-# ---- the installed transformers' names ---------------------------------------------------
-
-# transformers 5.x names of a 4.x ViT-family layer (checked against 4.57.6 and 5.23.0).
-HF5_LAYER = rules(
-    ("encoder.layer.{i}.attention.attention.query.{p}", "layers.{i}.attention.q_proj.{p}"),
-    ("encoder.layer.{i}.attention.attention.key.{p}", "layers.{i}.attention.k_proj.{p}"),
-    ("encoder.layer.{i}.attention.attention.value.{p}", "layers.{i}.attention.v_proj.{p}"),
-    ("encoder.layer.{i}.attention.output.dense.{p}", "layers.{i}.attention.o_proj.{p}"),
-    ("encoder.layer.{i}.intermediate.dense.{p}", "layers.{i}.mlp.fc1.{p}"),
-    ("encoder.layer.{i}.output.dense.{p}", "layers.{i}.mlp.fc2.{p}"),
-    ("encoder.layer.{i}.{norm}.{p}", "layers.{i}.{norm}.{p}"),  # layernorm_before/after
-)
-
-
-def to_hf5_names(state_dict: Mapping[str, torch.Tensor], base: str = "") -> dict[str, torch.Tensor]:
-    """4.x names -> 5.x names; keys outside `<base>encoder.layer.` keep theirs."""
-    layer = f"{base}encoder.layer."
-    inner = [k.removeprefix(base) for k in state_dict if k.startswith(layer)]
-    renamed = {base + k: base + new for k, new in rename_keys(inner, HF5_LAYER).items()}
-    return {renamed.get(k, k): v for k, v in state_dict.items()}
-
-
-@functools.cache
-def installed_uses_hf5_names(model_class: str = MODEL_CLASS) -> bool:
-    """Whether the installed transformers names this model's layers the 5.x way
-    (asked of the model itself, built on the meta device, not of a version string)."""
-    import transformers
-
-    cls = getattr(transformers, model_class)
-    config = cls.config_class(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
-    with torch.device("meta"):
-        keys = cls(config).state_dict().keys()
-    return not any(".encoder.layer.0." in f".{k}" for k in keys)
-
-
-def installed_schema(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return to_hf5_names(state_dict, "vivit.") if installed_uses_hf5_names() else dict(state_dict)
 
 
 # ---- the published check -------------------------------------------------------------------
@@ -221,3 +164,9 @@ def real_outputs(model, variant: Variant, files) -> dict:
     on the newer integration test's input: each published set on its own input."""
     return {"logits": model(**real_input(variant, files, SCRIPT_RECIPE)).logits,
             "logits_integration_test": model(**real_input(variant, files, INTEGRATION_TEST_RECIPE)).logits}
+
+
+FAMILY = Family(
+    name=NAME, variants=VARIANTS, tables={MODEL_CLASS: RULES},  # the flattened scenic tree ("/"-joined)
+    hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
+    installed_schema=vit_hf5_names.installed_schema(MODEL_CLASS, "vivit."))

@@ -15,12 +15,12 @@ from typing import Mapping
 
 import torch
 
-from . import clip_tokenizer, errors, reshape
-from .registry import InputRecipe, PublishedValues, Source, Variant
-from .rename import apply_renames, prefixed, rules
+from . import clip_tokenizer, errors
+from .family import Family, InputRecipe, PublishedValues, Source, Variant
+from .rename import prefixed, rules
+from .reshape import MATMUL_KERNEL_TO_LINEAR, SPLIT_QKV
 
-FAMILY = "xclip"
-MODEL_CLASS = "XCLIPModel"
+NAME = "xclip"
 HEAD_WIDTH = 64  # the original: heads = width // 64
 # img_norm_cfg of the original (datasets/build.py:34-35: mean [123.675, 116.28, 103.53], std [58.395, 57.12,
 # 57.375] on 0..255), which are ImageNet's
@@ -127,7 +127,7 @@ def _variant(key: str) -> Variant:
     name = f"xclip-{key}"
     return Variant(
         name=name,
-        family=FAMILY,
+        family=NAME,
         hub_id=f"microsoft/{name}",
         config=dict(image_size=image_size, patch_size=patch, num_frames=frames, **_SIZES[size], **_COMMON),
         source=_source(checkpoint),
@@ -230,10 +230,17 @@ def hf_processor(spec: Mapping, tokenizer=None, shortest_edge: int | None = None
     return XCLIPProcessor(image_processor=video_processor(spec["image_size"], shortest_edge), tokenizer=tokenizer)
 
 
-# ---- rename table -----------------------------------------------------------------------
+# ---- rule table -------------------------------------------------------------------------
 
-_BLOCK = (  # openai/CLIP ResidualAttentionBlock -> HF encoder layer (after the q/k/v split)
-    ("attn.{x}_proj.{p}", "self_attn.{x}_proj.{p}"),  # q, k, v and out
+def _in_proj(src: str, dst: str):
+    """nn.MultiheadAttention's fused in-projection (rows [q; k; v]) -> HF's q/k/v_proj."""
+    return tuple((f"{src}.in_proj_{p}", tuple(f"{dst}.{x}_proj.{p}" for x in "qkv"), SPLIT_QKV)
+                 for p in ("weight", "bias"))
+
+
+_BLOCK = (  # openai/CLIP ResidualAttentionBlock -> HF encoder layer
+    *_in_proj("attn", "self_attn"),
+    ("attn.out_proj.{p}", "self_attn.out_proj.{p}"),
     ("ln_1.{p}", "layer_norm1.{p}"),
     ("mlp.c_fc.{p}", "mlp.fc1.{p}"),
     ("mlp.c_proj.{p}", "mlp.fc2.{p}"),
@@ -242,7 +249,8 @@ _BLOCK = (  # openai/CLIP ResidualAttentionBlock -> HF encoder layer (after the 
 _CROSS_FRAME = (  # the vision block's message token
     ("message_fc.{p}", "message_fc.{p}"),
     ("message_ln.{p}", "message_ln.{p}"),
-    ("message_attn.{x}_proj.{p}", "message_attn.{x}_proj.{p}"),
+    *_in_proj("message_attn", "message_attn"),
+    ("message_attn.out_proj.{p}", "message_attn.out_proj.{p}"),
 )
 _PROMPT_LAYER = (
     ("cross_attn.{x}.{p}", "cross_attn.{x}.{p}"),  # q/k/v_proj (no bias) and proj
@@ -250,12 +258,12 @@ _PROMPT_LAYER = (
     ("mlp.{j}.{p}", "mlp.{j}.{p}"),
 )
 
-RENAMES = rules(
+RULES = rules(
     ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
     ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
     *prefixed("transformer.resblocks.{i}.", "text_model.encoder.layers.{i}.", _BLOCK),
     ("ln_final.{p}", "text_model.final_layer_norm.{p}"),
-    ("text_projection", "text_projection.weight"),
+    ("text_projection", "text_projection.weight", MATMUL_KERNEL_TO_LINEAR),  # used as x @ P
     ("logit_scale", "logit_scale"),
     ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
     ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
@@ -263,7 +271,7 @@ RENAMES = rules(
     ("visual.ln_pre.{p}", "vision_model.pre_layernorm.{p}"),
     *prefixed("visual.transformer.resblocks.{i}.", "vision_model.encoder.layers.{i}.", _BLOCK + _CROSS_FRAME),
     ("visual.ln_post.{p}", "vision_model.post_layernorm.{p}"),
-    ("visual.proj", "visual_projection.weight"),
+    ("visual.proj", "visual_projection.weight", MATMUL_KERNEL_TO_LINEAR),  # used as x @ P
     ("mit.positional_embedding", "mit.position_embedding"),
     *prefixed("mit.resblocks.{i}.", "mit.encoder.layers.{i}.", _BLOCK),
     ("prompts_visual_ln.{p}", "prompts_visual_layernorm.{p}"),
@@ -272,20 +280,6 @@ RENAMES = rules(
     ("prompts_generator.norm.{p}", "prompts_generator.layernorm.{p}"),
     *prefixed("prompts_generator.decoder.{i}.", "prompts_generator.decoder.{i}.", _PROMPT_LAYER),
 )
-TRANSPOSED = ("visual_projection.weight", "text_projection.weight")  # x @ P -> Linear(P.T)
-
-
-def split_in_proj(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every fused `<m>.in_proj_{weight,bias}` -> `<m>.{q,k,v}_proj.{weight,bias}`."""
-    return reshape.split_fused_qkv(state_dict, r"(?P<m>.+)\.in_proj_(?P<p>weight|bias)", "{m}.{qkv}_proj.{p}")
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], spec: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """Original X-CLIP state dict (checkpoint["model"]) -> HF XCLIPModel state dict."""
-    converted = apply_renames(split_in_proj(state_dict), RENAMES)
-    for key in TRANSPOSED:
-        converted[key] = reshape.linear_to_dense_kernel(converted[key])  # (in, out) -> (out, in)
-    return converted
 
 
 # ---- the published check -------------------------------------------------------------------
@@ -320,3 +314,9 @@ def verify_inputs(config) -> dict:
     ids = torch.randint(1, t.vocab_size - 1, (2, 8))
     ids[:, -1] = t.vocab_size - 1
     return {"pixel_values": torch.randn(1, v.num_frames, v.num_channels, v.image_size, v.image_size), "input_ids": ids}
+
+
+FAMILY = Family(
+    name=NAME, variants=VARIANTS, tables={"XCLIPModel": RULES},  # checkpoint["model"]
+    hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
+    verify_inputs=verify_inputs)

@@ -78,3 +78,24 @@ def assert_parity(diffs: list[Diff], context: str = "") -> None:
     if failed:
         head = f"{context}: " if context else ""
         raise AssertionError(head + "; ".join(d.describe() for d in failed))
+
+
+class MeasuredChanged(Exception):
+    """A number quoted in an xfail's reason no longer holds. Not an AssertionError: a
+    strict `xfail(raises=AssertionError)` then fails instead of counting it as expected."""
+
+
+def _significant_digits(quoted: str) -> int:
+    mantissa = quoted.lower().split("e")[0].lstrip("+-").replace(".", "").lstrip("0")
+    return max(len(mantissa), 1)
+
+
+def assert_measured(what: str, value, quoted) -> None:
+    """`value` is the `quoted` number at the precision it is quoted with ("0.896": three
+    significant digits, "4.0": two), or equal to a quoted count or shape, so the numbers
+    an xfail's reason quotes are measured on every run."""
+    same = (float(f"{value:.{_significant_digits(quoted)}g}") == float(quoted) if isinstance(quoted, str)
+            else value == quoted)
+    if not same:
+        shown = f"{value:.4g}" if isinstance(quoted, str) else repr(value)
+        raise MeasuredChanged(f"{what}: measured {shown}, the reason quotes {quoted}; update the reason")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from converters import pipeline
-from converters.registry import family_module
+from converters.registry import family
 from fixtures import original_hparams as orig
 
 # Config fields that do not describe the architecture: run-time flags, dropout rates
@@ -68,7 +68,7 @@ def _flat(config_dict: dict, prefix: str = "") -> dict:
 
 
 def _written(variant) -> dict:
-    config = family_module(variant.family).hf_config(pipeline.spec_of(variant))
+    config = family(variant.family).hf_config(pipeline.spec_of(variant))
     flat = _flat(config.to_dict())
     flat["num_labels"] = config.num_labels
     return flat
@@ -113,7 +113,7 @@ def test_every_architecture_field_is_in_the_table(any_variant):
 def test_labels_are_consistent(any_variant):
     """num_labels as the original states it; id2label covers 0..n-1 and label2id is its exact
     inverse, with the default names and with names from a label file."""
-    module = family_module(any_variant.family)
+    module = family(any_variant.family)
     table = TABLES[any_variant.family](any_variant.name)
     spec = pipeline.spec_of(any_variant)
     if "num_labels" not in table:
@@ -131,7 +131,7 @@ def test_labels_are_consistent(any_variant):
 
 def image_processor(variant):
     """The image or video processor the converter writes beside the model (None: none)."""
-    module = family_module(variant.family)
+    module = family(variant.family)
     spec = pipeline.spec_of(variant)
     if variant.family == "xclip":  # with a CLIP tokenizer from small files: nothing downloaded
         import tempfile
@@ -175,7 +175,7 @@ def test_processor_constants_are_the_originals(any_variant):
     processor = image_processor(any_variant)
     if processor is None:
         if any_variant.config.get("model_class") == "PerceiverForMaskedLM":
-            tokenizer = family_module("perceiver").hf_processor(pipeline.spec_of(any_variant))
+            tokenizer = family("perceiver").hf_processor(pipeline.spec_of(any_variant))
             stated = orig.PERCEIVER_VARIANTS[any_variant.name]["max_position_embeddings"]
             assert tokenizer.model_max_length == stated.value, stated.source
             return

@@ -234,7 +234,7 @@ def test_haiku_pickle_as_the_original_saves_it(name, container):
 
 ALL_CONTAINERS = [(v, c) for v in ("timesformer-base-finetuned-k400", "xclip-base-patch32", "vit-msn-small",
                                    "vivit-b-16x2-kinetics400", "language-perceiver", "vision-perceiver-conv")
-                  for c in harness.adapter(get_variant(v).family).containers]
+                  for c in harness.original(get_variant(v).family).containers]
 
 
 @pytest.mark.parametrize("name, container", _cases(ALL_CONTAINERS))

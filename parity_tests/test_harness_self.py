@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from converters import timesformer
-from converters.rename import apply_renames, rules
+from converters.rename import apply_rules, rules
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare, compare_outputs
 
@@ -16,17 +16,17 @@ from parity_harness.compare import assert_parity, compare, compare_outputs
 def _swap_targets(table, a: str, b: str):
     """The table with the targets of the rules whose source is `a` and `b` exchanged."""
     by_source = {r.source: r.target for r in table}
-    return rules(*((r.source, by_source[b] if r.source == a else by_source[a] if r.source == b else r.target)
+    return rules(*((r.source, by_source[b] if r.source == a else by_source[a] if r.source == b else r.target, r.op)
                    for r in table))
 
 
 MUTATIONS = {
-    "spatial<->temporal qkv": lambda sd: apply_renames(sd, _swap_targets(
-        timesformer.RENAMES, "blocks.{i}.attn.qkv.{p}", "blocks.{i}.temporal_attn.qkv.{p}")),
-    "norm1<->norm2": lambda sd: apply_renames(sd, _swap_targets(
-        timesformer.RENAMES, "blocks.{i}.norm1.{p}", "blocks.{i}.norm2.{p}")),
+    "spatial<->temporal qkv": lambda sd: apply_rules(sd, _swap_targets(
+        timesformer.RULES, "blocks.{i}.attn.qkv.{p}", "blocks.{i}.temporal_attn.qkv.{p}")),
+    "norm1<->norm2": lambda sd: apply_rules(sd, _swap_targets(
+        timesformer.RULES, "blocks.{i}.norm1.{p}", "blocks.{i}.norm2.{p}")),
     "temporal_fc transposed": lambda sd: {k: (v.T if k.endswith("temporal_dense.weight") else v)
-                                          for k, v in timesformer.convert(sd).items()},
+                                          for k, v in timesformer.FAMILY.convert(sd).items()},
 }
 
 
@@ -36,7 +36,7 @@ def test_broken_conversion_fails_parity(mutation):
     original = {k.removeprefix("model."): v for k, v in torch.load(c.checkpoint, map_location="cpu")["model_state"].items()}
     model = type(c.hf_model())(c.hf_config()).eval()
     model.load_state_dict(MUTATIONS[mutation](original))
-    diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.original.hf_forward(model, c.inputs), **c.original.tolerance)
     with pytest.raises(AssertionError, match=r"logits: \d+/800 elements out of tolerance .*max abs diff .* at index \(\d+, \d+\), max rel diff"):
         assert_parity(diffs, "mutated")
 
@@ -80,14 +80,14 @@ def test_nan_logits_fail_parity_and_golden():
     broken = dict(c.converted)
     broken["classifier.bias"] = torch.full_like(broken["classifier.bias"], float("nan"))
     model.load_state_dict(broken)
-    outputs = c.adapter.hf_outputs(model, c.inputs)
+    outputs = c.original.hf_forward(model, c.inputs)
     with pytest.raises(AssertionError, match=r"logits: 800/800 elements out of tolerance .* 800 non-finite values "
                                              r"\(NaN in actual at index \(0, 0\)\)"):
-        assert_parity(compare_outputs(c.reference, outputs, **c.adapter.tolerance))
+        assert_parity(compare_outputs(c.reference, outputs, **c.original.tolerance))
     record = golden.read(c.variant.name)
     with pytest.raises(AssertionError, match="800 non-finite values"):
         assert_parity(compare_outputs(record["arrays"], {k: v.numpy() for k, v in outputs.items()},
-                                                      **c.adapter.tolerance))
+                                                      **c.original.tolerance))
 
 
 def test_select_published_expression():

@@ -40,6 +40,20 @@ def test_the_issues_kinds_of_mutant_are_planted():
     assert not any(d.startswith(published) for d in _descriptions("timesformer"))
 
 
+def test_the_named_mutants_plant_where_they_say():
+    """Each of the issue's named mutants finds its text once (named_mutants raises otherwise,
+    so a refactor that moves a number shows here) and is one valid edit that changes it."""
+    mutants = mutation.named_mutants()
+    assert len(mutants) == len(mutation.NAMED)
+    for m in mutants:
+        source = (mutation.ROOT / "converters" / f"{m.module}.py").read_text()
+        mutated = mutation.apply(source, m)
+        assert mutated != source, m.id
+        ast.parse(mutated)
+    swap = next(m for m in mutants if "running_var" in m.description)
+    assert len(swap.edits) == 2  # running_mean and running_var exchanged, not one duplicated
+
+
 def test_the_tree_copy_leaves_out_git_and_results(tmp_path):
     copy = mutation._copy_tree(tmp_path / "tree")
     assert (copy / "converters" / "timesformer.py").read_text() == (mutation.ROOT / "converters" / "timesformer.py").read_text()

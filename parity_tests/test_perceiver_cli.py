@@ -3,13 +3,14 @@
 (KNOWN_DIVERGENCES) in `convert`, `list` and `matrix`, through the real CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 
 from converters import cli, perceiver, pipeline
-from converters.registry import KnownDivergence
+from converters.family import KnownDivergence
 from fixtures import harness
 
 DIVERGING = sorted(perceiver.KNOWN_DIVERGENCES)
@@ -77,7 +78,7 @@ def test_list_shows_which_variants_reproduce_the_original(capsys):
 
 
 def _matrix(capsys, monkeypatch, divergences):
-    monkeypatch.setattr(perceiver, "KNOWN_DIVERGENCES", divergences)
+    monkeypatch.setattr(perceiver, "FAMILY", dataclasses.replace(perceiver.FAMILY, known_divergences=divergences))
     code, out, _ = run(capsys, "matrix", "-k", "perceiver-learned", "-k", "perceiver-fourier", "-k", "perceiver-conv")
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("vision-perceiver-")}
     return code, rows, out.strip().splitlines()[-1]

@@ -32,7 +32,7 @@ import pytest
 from converters import pipeline
 from converters.registry import all_variants, get_variant
 from fixtures import harness
-from parity_harness.compare import assert_parity, compare
+from parity_harness.compare import assert_measured, assert_parity, compare
 from fixtures import original_hparams as hp
 from fixtures import original_preprocessing as op
 from parity_tests.test_configs import image_processor
@@ -219,19 +219,21 @@ def test_resize_and_crop_match_the_original(name, record_diffs):
     assert_parity(diffs, f"{name} processor vs the original's preprocessing")
 
 
-# Where the crop lands a pixel away, measured on the smooth frames (max abs, first two sizes each):
+# Where the crop lands a pixel away: the cause per family, and per group the max abs difference
+# measured on the smooth frames (the first two disagreeing sizes).
 OFF_BY_ONE = {
     "timesformer": "HF floors the centre-crop offset, TimeSformer's uniform_crop takes the ceiling "
-                   "(transform.py:172-173): a one-pixel shift when the margin is odd; measured 0.110 (hr, 448)",
-    "xclip": "mmcv rounds the long side (int(x * s + 0.5)) where HF floors it: one pixel wider, the crop moves; "
-             "measured 0.105 (224), 0.088 (336)",
-    "vit_msn": "torchvision's CenterCrop rounds the offset half to even, HF floors it: a one-pixel shift; "
-               "measured 0.140",
-    "perceiver": "HF floors the crop offset, the original takes ((h - crop) + 1) // 2: a one-pixel shift; "
-                 "measured 0.160",
+                   "(transform.py:172-173): a one-pixel shift when the margin is odd",
+    "xclip": "mmcv rounds the long side (int(x * s + 0.5)) where HF floors it: one pixel wider, the crop moves",
+    "vit_msn": "torchvision's CenterCrop rounds the offset half to even, HF floors it: a one-pixel shift",
+    "perceiver": "HF floors the crop offset, the original takes ((h - crop) + 1) // 2: a one-pixel shift",
 }
-OFF_BY_ONE_GROUPS = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-    f"HF port differs ({OFF_BY_ONE[processor_groups()[n][0]]}) at {', '.join(f'{h}x{w}' for h, w in _disagreeing(n))}")))
+OFF_BY_ONE_MAX_ABS = {"timesformer-hr-finetuned-k400": "0.110", "xclip-base-patch32": "0.105",
+                      "xclip-large-patch14-16-frames": "0.088", "vit-msn-small": "0.140",
+                      "vision-perceiver-learned": "0.160"}
+OFF_BY_ONE_GROUPS = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    f"HF port differs ({OFF_BY_ONE[processor_groups()[n][0]]}; measured max abs {OFF_BY_ONE_MAX_ABS.get(n)}) at "
+    f"{', '.join(f'{h}x{w}' for h, w in _disagreeing(n))}")))
     for n in RGB_GROUPS if _disagreeing(n)]
 
 
@@ -248,19 +250,24 @@ def test_port_difference_crop_rounding(name, record_diffs):
         hf, original = _run(name, _smooth_frames(h, w, seed=100 + i, frames=1))
         diffs.append(compare(f"pixel_values {h}x{w}", original, hf, TOLERANCE[family], 0))
     record_diffs(diffs)
+    assert_measured(f"{name}: crop a pixel away", max(d.max_abs for d in diffs), OFF_BY_ONE_MAX_ABS[name])
     assert_parity(diffs, f"{name}: crop a pixel away from the original's")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
+BGR_MAX_ABS = "2.79"  # constant (200, 120, 40) frames: (200 - 40) / 255 / 0.225
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "HF port differs: the SSv2 TimeSformer models were trained and tested on BGR frames (cv2.imdecode, "
     "timesformer/datasets/utils.py:36; the channel reversal of utils.py:84 is skipped for vit, ssv2.py:259); "
-    "VideoMAEImageProcessor keeps RGB. Measured on constant (200, 120, 40) frames: max abs 2.79 "
+    f"VideoMAEImageProcessor keeps RGB. Measured on constant (200, 120, 40) frames: max abs {BGR_MAX_ABS} "
     "(= (200 - 40) / 255 / 0.225); reverse the channels before the processor"))) for n in BGR_GROUPS])
 def test_port_difference_ssv2_channel_order(name, record_diffs):
     h, w = SIZES[0]
     hf, original = _run(name, _constant_frames(h, w, 1))
     diffs = [compare("pixel_values", original, hf, CONSTANT_TOLERANCE, 0)]
     record_diffs(diffs)
+    assert_measured(f"{name}: RGB vs BGR", diffs[0].max_abs, BGR_MAX_ABS)
     assert_parity(diffs, f"{name}: RGB processor vs the original's BGR frames")
 
 

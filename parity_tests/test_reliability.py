@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from converters import array_trees, downloads, output_dir, cli
-from converters.registry import FAMILY_MODULES, get_variant
+from converters.registry import FAMILY_NAMES, get_variant
 from fixtures import harness, hostile_files
 from fixtures.catalogue import CONTAINERS, UNREADABLE, Container
 
@@ -215,7 +215,7 @@ def test_cache_entry_with_wrong_hash_is_refused(container, tiny_cli, tmp_path, c
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("family", FAMILY_MODULES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_unknown_variant_names_the_closest(family, capsys, tmp_path):
     typo = {"timesformer": "timesformer-base-k400", "xclip": "xclip-base-patch-32", "vivit": "vivit-b16x2-kinetics400",
             "vit_msn": "vit-msn-smal", "perceiver": "language-perciever"}[family]

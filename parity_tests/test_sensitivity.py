@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 
 from converters import pipeline
-from converters.registry import convertible_variants
+from converters.registry import all_variants
 from fixtures import harness
 from parity_harness.compare import assert_parity, compare_outputs
 
 pytestmark = pytest.mark.parity
 
-FIRST_OF_FAMILY = [next(v.name for v in convertible_variants() if v.family == f)
+FIRST_OF_FAMILY = [next(v.name for v in all_variants() if v.family == f)
                    for f in ("timesformer", "xclip", "vivit", "vit_msn")]
 
 
@@ -23,7 +23,7 @@ FIRST_OF_FAMILY = [next(v.name for v in convertible_variants() if v.family == f)
 def test_sensitive_parity(name, record_diffs):
     """The converted model matches the original on the rescaled weights too."""
     c = harness.case(name, weights="sensitive")
-    diffs = compare_outputs(c.reference, c.hf_outputs(), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.hf_outputs(), **c.original.tolerance)
     record_diffs(diffs)
     assert_parity(diffs, f"{name} original vs HF, sensitive weights")
 
@@ -53,6 +53,6 @@ def test_a_wrong_eps_fails_on_the_sensitive_weights(mutant):
     _set(config, field, value)
     model = pipeline.hf_model_class(c.variant)(config).eval()
     model.load_state_dict(pipeline.for_installed_transformers(c.variant, c.converted), strict=True)
-    diffs = compare_outputs(c.reference, c.adapter.hf_outputs(model, c.inputs), **c.adapter.tolerance)
+    diffs = compare_outputs(c.reference, c.original.hf_forward(model, c.inputs), **c.original.tolerance)
     with pytest.raises(AssertionError, match="out of tolerance"):
         assert_parity(diffs, mutant)

@@ -16,8 +16,16 @@ import flax.serialization  # noqa: E402
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from converters.registry import get_variant  # noqa: E402
 from fixtures import msn_original as msn  # noqa: E402
+from fixtures import parity_vit_msn, parity_vivit  # noqa: E402
 from fixtures import vivit_original as vivit  # noqa: E402
+
+# The self-checks' own small sizes (the parity cases take theirs from the shrink rule).
+VIVIT_TINY = vivit.ViViTHParams(image_size=32, num_frames=4, tubelet=(2, 8, 8), hidden_size=32,
+                                num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
+MSN_TINY = msn.MSNHParams(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
+                          mlp_dim=128, proj_hidden=48, proj_out=16, num_prototypes=10)
 
 
 # ----------------------------------------------------------------------------- numpy helpers
@@ -67,7 +75,7 @@ def to_np(tree):
 
 @pytest.fixture(scope='module')
 def vv():
-    hp = vivit.tiny_hparams()
+    hp = VIVIT_TINY
     module, params = vivit.build_reference(hp, seed=0)
     video = np.random.RandomState(1).standard_normal(
         (2, hp.num_frames, hp.image_size, hp.image_size, hp.channels)).astype(np.float32)
@@ -91,7 +99,7 @@ def _shapes(tree):
 
 @pytest.mark.slow
 def test_vivit_full_size_tree():
-    hp = vivit.full_size_hparams()
+    hp = parity_vivit.hparams(get_variant("vivit-b-16x2-kinetics400").config)
     assert (hp.image_size, hp.num_frames, hp.tubelet, hp.hidden_size, hp.num_layers,
             hp.num_heads, hp.mlp_dim, hp.num_classes) == (224, 32, (2, 16, 16), 768, 12, 12,
                                                           3072, 400)
@@ -226,19 +234,19 @@ def test_vivit_checkpoint_roundtrip(vv, tmp_path, layout):
 
 @pytest.fixture(scope='module')
 def ms():
-    hp = msn.tiny_hparams()
+    hp = MSN_TINY
     model = msn.build_reference(hp, seed=0)
     images = torch.randn(2, 3, hp.image_size, hp.image_size,
                          generator=torch.Generator().manual_seed(3))
     return hp, model, images
 
 
-@pytest.mark.parametrize('name,d,m,h,L,p', [
-    ('vits16_800ep', 384, 1536, 6, 12, 16), ('vitb16_600ep', 768, 3072, 12, 12, 16),
-    ('vitl16_600ep', 1024, 4096, 16, 24, 16), ('vitb4_300ep', 768, 3072, 12, 12, 4),
-    ('vitl7_200ep', 1024, 4096, 16, 24, 7)])
+@pytest.mark.parametrize('name,d,m,h,L,p', [  # deit_small / base / large (msn src/deit.py)
+    ('vit-msn-small', 384, 1536, 6, 12, 16), ('vit-msn-base', 768, 3072, 12, 12, 16),
+    ('vit-msn-large', 1024, 4096, 16, 24, 16), ('vit-msn-base-4', 768, 3072, 12, 12, 4),
+    ('vit-msn-large-7', 1024, 4096, 16, 24, 7)])
 def test_msn_full_size_meta(name, d, m, h, L, p):
-    hp = msn.full_size_hparams(name)
+    hp = parity_vit_msn.hparams(get_variant(name).config)
     assert (hp.hidden_size, hp.mlp_dim, hp.num_heads, hp.num_layers, hp.patch_size,
             hp.image_size) == (d, m, h, L, p, 224)
     model = msn.build_reference_meta(hp)

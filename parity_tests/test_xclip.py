@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from converters import pipeline, reshape, xclip
 from fixtures import harness, parity_xclip, xclip_original
-from parity_harness.compare import assert_parity, compare_outputs
+from parity_harness.compare import assert_measured, assert_parity, compare_outputs
 from parity_tests.test_matrix import _converted_dir
 from parity_harness.tolerances import TOLERANCE
 
@@ -46,7 +46,7 @@ def test_processor_offline_parity(xclip_variant, tmp_path):
     # The original's tokenizer zero-pads to the full context; causal attention keeps the
     # padding from reaching the end token, where both sides pool.
     original_ids = F.pad(ids, (0, c.spec["max_position_embeddings"] - ids.shape[1]))
-    reference = xclip_original.forward_outputs(c.adapter.build(c.spec, harness.SEED), inputs["pixel_values"],
+    reference = xclip_original.forward_outputs(c.original.build(c.spec, harness.SEED), inputs["pixel_values"],
                                                original_ids)
     assert_parity(compare_outputs({"logits_per_video": reference["logits_per_video"]},
                                                   {"logits_per_video": hf.logits_per_video}, **TOLERANCE["xclip"]))
@@ -57,7 +57,7 @@ def test_training_config_object_is_never_constructed(tmp_path):
     without importing or calling that object's class."""
     c = harness.case("xclip-base-patch32")
     path = tmp_path / "k400_32_8.pth"
-    model = c.adapter.build(c.spec, harness.SEED)
+    model = c.original.build(c.spec, harness.SEED)
     xclip_original.save_checkpoint(model, path, config=xclip_original.ConstructionProbe("loader"))
     xclip_original.PROBE_LOG.clear()
     with pytest.warns(UserWarning, match=r"config \(fixtures\.xclip_original\.(ConstructionProbe|_probe_constructed)\)"):
@@ -73,11 +73,14 @@ def test_training_config_object_is_never_constructed(tmp_path):
 # `vision_model.` / `text_model.` prefixes of XCLIPModel's weights are never stripped. Found with
 # `upgrade-check --bisect` (README): 5.10.1 loads every key, 5.10.2 none; 5.10.1 had no xfail here
 # before (it was `transformers >= 5`), and failed as a strict XPASS.
-STANDALONE_LOADS_NOTHING = pytest.mark.xfail(
-    Version(transformers.__version__) >= Version("5.10.2"), strict=True, reason=(
-        "transformers >= 5.10.2: the conversion rule for the standalone models is spelled xCLIPVisionModel / "
-        "xCLIPTextModel, so weights saved from XCLIPModel load nothing into XCLIPVisionModel / XCLIPTextModel "
-        "(measured on the tiny 2-layer configs: 63 of 63 vision and 36 of 36 text keys missing)."))
+STANDALONE_BROKEN = Version(transformers.__version__) >= Version("5.10.2")
+STANDALONE_KEYS = {"XCLIPVisionModel": 63, "XCLIPTextModel": 36}  # of the tiny 2-layer configs
+STANDALONE_LOADS_NOTHING = pytest.mark.xfail(STANDALONE_BROKEN, strict=True, raises=AssertionError, reason=(
+    "transformers >= 5.10.2: the conversion rule for the standalone models is spelled xCLIPVisionModel / "
+    "xCLIPTextModel, so weights saved from XCLIPModel load nothing into XCLIPVisionModel / XCLIPTextModel "
+    f"(measured on the tiny 2-layer configs: {STANDALONE_KEYS['XCLIPVisionModel']} of "
+    f"{STANDALONE_KEYS['XCLIPVisionModel']} vision and {STANDALONE_KEYS['XCLIPTextModel']} of "
+    f"{STANDALONE_KEYS['XCLIPTextModel']} text keys missing)."))
 
 
 # Bisected with upgrade-check (README): 5.6.2 still drops the video (returns only input_ids and
@@ -99,6 +102,10 @@ def test_standalone_models_load_converted_weights(xclip_variant):
     missing = {}
     for cls in (transformers.XCLIPVisionModel, transformers.XCLIPTextModel):
         model, info = cls.from_pretrained(_converted_dir(c), output_loading_info=True)
+        if STANDALONE_BROKEN:  # the reason's counts: every key missing
+            quoted = STANDALONE_KEYS[cls.__name__]
+            assert_measured(f"{cls.__name__} keys (missing, all)", (len(info["missing_keys"]), len(model.state_dict())),
+                            (quoted, quoted))
         if info["missing_keys"]:
             missing[cls.__name__] = f"{len(info['missing_keys'])} of {len(model.state_dict())} keys missing"
     assert not missing, missing
