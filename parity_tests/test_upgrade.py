@@ -222,8 +222,8 @@ def test_a_real_environment_runs_a_check(tmp_path, capsys):
     code = cli.main(["upgrade-check", "--from", version, "--to", version, "--checkout", str(checkout),
                      "--out", str(tmp_path), "--tests", "parity_tests/test_matrix.py", "--jobs", "0",
                      "-k", "test_loading_keys and timesformer-base-finetuned-k400"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     doc = report.read_results(tmp_path / "results" / f"transformers-{version}.json")
     assert doc["versions"]["transformers"] == version and doc["versions"]["torch"].startswith("2.13.0")
     assert [(r["check"], r["status"], r["keys"]["missing"]) for r in doc["rows"]] == [("test_loading_keys", "passed", [])]
