@@ -124,6 +124,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_upgrade_check(args) -> int:
+    """The suite under other transformers releases (parity_harness/upgrade.py), compared."""
+    from pathlib import Path
+
+    try:
+        from parity_harness import upgrade
+    except ImportError:
+        raise SystemExit("error: upgrade-check needs the repository checkout (parity_harness/); run it from there")
+    checkout = Path(args.checkout)
+    if not (checkout / "pyproject.toml").exists() or not (checkout / "parity_tests").is_dir():
+        raise SystemExit(f"error: {shown(str(checkout))} is not a convert-parity checkout (--checkout)")
+    recipe = upgrade.recipe(checkout, Path(args.cache) if args.cache else None,
+                            build_timeout=args.build_timeout, run_timeout=args.run_timeout)
+    try:
+        if args.bisect:
+            if not (args.good and args.bad):
+                raise SystemExit("error: --bisect needs --good and --bad")
+            return upgrade.bisect(args.bisect, args.good, args.bad, recipe, Path(args.out), args.threshold)
+        if not (args.from_ and args.to):
+            raise SystemExit("error: upgrade-check needs --from and at least one --to (or --bisect)")
+        pytest_args = [*(args.tests or upgrade.DEFAULT_TESTS), *(["-k", args.k] if args.k else [])]
+        return upgrade.upgrade_check(args.from_, args.to, recipe, Path(args.out), pytest_args, args.jobs)
+    except (upgrade.EnvBuildError, upgrade.SuiteError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert-parity", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -151,6 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="results files written by pytest (--results); the first is the baseline")
     p.add_argument("--out", default="report", help="output directory (default: %(default)s)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("upgrade-check", help="run the offline suite under other transformers releases and compare",
+                       description="One cached uv environment per transformers release (pins from pyproject.toml, "
+                                   "torch exactly this interpreter's); the suite's results compared with --from. "
+                                   "Exit 1 on a status regression or drift beyond the family tolerance.")
+    p.add_argument("--from", dest="from_", metavar="VERSION", help="the baseline transformers release")
+    p.add_argument("--to", action="append", metavar="VERSION", help="a release to compare with it (repeatable)")
+    p.add_argument("--tests", action="append", help="pytest paths to run (repeatable; default: the matrix and "
+                                                    "test_xclip.py)")
+    p.add_argument("-k", help="pytest -k expression")
+    p.add_argument("--jobs", type=int, default=2, help="pytest-xdist workers per run (default: %(default)s)")
+    p.add_argument("--bisect", metavar="CHECK",
+                   help="pytest arguments selecting the check, e.g. a test id; finds the first release between --good "
+                        "and --bad where its status changes or an output moves beyond --threshold")
+    p.add_argument("--good", metavar="VERSION")
+    p.add_argument("--bad", metavar="VERSION")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="with --bisect: an output moving more than this is a change (default: the family atol)")
+    p.add_argument("--out", default="upgrade-report", help="output directory (default: %(default)s)")
+    p.add_argument("--cache", help="environment cache (default: $CONVERT_PARITY_CACHE/envs or "
+                                   "~/.cache/convert-parity/envs)")
+    p.add_argument("--checkout", default=".", help="the convert-parity checkout to test (default: the current directory)")
+    p.add_argument("--build-timeout", type=float, default=1800, help="seconds for one environment (default: %(default)s)")
+    p.add_argument("--run-timeout", type=float, default=3600, help="seconds for one suite run (default: %(default)s)")
+    p.set_defaults(func=cmd_upgrade_check)
     return parser
 
 

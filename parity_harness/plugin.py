@@ -74,6 +74,12 @@ def record_diffs(request):
     return results.recorder(request.node)
 
 
+@pytest.fixture
+def record_keys(request):
+    """Call with from_pretrained's loading info and the key-list line it was compared with."""
+    return results.keys_recorder(request.node)
+
+
 def _command(config) -> str:
     """The command line that ran this session (on an xdist worker, the controller's)."""
     argv = config.workerinput["mainargv"][1:] if hasattr(config, "workerinput") else config.invocation_params.args

@@ -77,7 +77,7 @@ def _max_abs(output: Mapping) -> float:
     return math.inf if output.get("nonfinite") else output["max_abs"]
 
 
-def _worst(row: Mapping) -> float | None:
+def worst(row: Mapping) -> float | None:
     values = [_max_abs(o) for o in row.get("outputs", [])]
     return max(values) if values else None
 
@@ -102,7 +102,7 @@ def drift(base: Mapping, other: Mapping) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["change"], r["variant"], r["check"], r["output"]))
 
 
-def _plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_parity") -> None:
+def plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_parity") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +116,7 @@ def _plot(runs: list[tuple[str, dict]], path: Path, check: str = "test_logits_pa
     x = range(len(variants))
     for i, (label, doc) in enumerate(runs):
         by_variant = {r["variant"]: r for r in doc["rows"] if r["check"] == check}
-        ys = [min(max(_worst(by_variant[v]) or 0.0, floor), ceiling) if v in by_variant else float("nan")
+        ys = [min(max(worst(by_variant[v]) or 0.0, floor), ceiling) if v in by_variant else float("nan")
               for v in variants]
         ax.scatter([xi + 0.12 * (i - (len(runs) - 1) / 2) for xi in x], ys, label=label, s=22, zorder=3)
     tol = {r["variant"]: r["outputs"][0]["atol"] for _, doc in runs for r in doc["rows"]
@@ -164,7 +164,7 @@ def build_report(result_paths: Iterable[str | os.PathLike], out_dir: str | os.Pa
         first = next(r for r in rows if r)
         status = "/".join(r["status"] if r else "-" for r in rows)
         atol = first["outputs"][0]["atol"] if first.get("outputs") else None
-        lines.append(f"| {key[0]} | {key[1]} | {status} | " + " | ".join(_fmt(_worst(r)) if r else "-" for r in rows)
+        lines.append(f"| {key[0]} | {key[1]} | {status} | " + " | ".join(_fmt(worst(r)) if r else "-" for r in rows)
                      + f" | {_fmt(atol)} |")
     if comparison:
         lines += ["", f"## Drift: {runs[0][0]} -> {runs[1][0]}", "",
@@ -183,5 +183,5 @@ def build_report(result_paths: Iterable[str | os.PathLike], out_dir: str | os.Pa
                                          "drift": [{**d, **{k: None if d[k] is not None and math.isinf(d[k])
                                                             else d[k] for k in ("base", "other", "change")}}
                                                    for d in comparison]}, indent=1) + "\n")
-    _plot(runs, files["png"])
+    plot(runs, files["png"])
     return files

@@ -30,6 +30,24 @@ def recorder(node):
     return record
 
 
+def keys_recorder(node):
+    """`record(info, compared_with)`: from_pretrained's loading info and the recorded key-list
+    line it was compared with, into the results file (upgrade-check reports changed key lists)."""
+    def record(info, compared_with: str):
+        node.user_properties.append(("keys", {
+            "missing": sorted(info.get("missing_keys", [])), "unexpected": sorted(info.get("unexpected_keys", [])),
+            "mismatched": sorted(str(k) for k in info.get("mismatched_keys", [])), "compared_with": compared_with}))
+    return record
+
+
+def _crash(report) -> str:
+    """A failure's one-line message for the JSON (an exception from from_pretrained reads
+    differently from a failed assertion: upgrade-check tells configs that no longer load)."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)  # a strict XPASS is a plain string
+    return (text.splitlines() or [""])[0][:300]
+
+
 def variant_and_case(item) -> tuple[str, str]:
     callspec = getattr(item, "callspec", None)
     if callspec is None:
@@ -78,14 +96,17 @@ class Writer:
         if labels and (report.when == "call" or (report.when == "setup" and report.skipped)):
             self.rows.append({**labels[0], "status": _status(report), "duration": round(report.duration, 4),
                               "outputs": [v for k, v in report.user_properties if k == "parity"],
-                              **({"message": _message(report)} if report.failed or report.skipped else {})})
+                              **({"message": _message(report)} if report.failed or report.skipped else {}),
+                              **({"crash": _crash(report)} if report.failed else {}),
+                              **next(({"keys": v} for k, v in report.user_properties if k == "keys"), {})})
 
     def pytest_sessionfinish(self, session):
         if not self.rows:
             return  # nothing recorded ran, nothing to write
         from .report import write_results
 
-        rows = [{k: v for k, v in r.items() if k != "message"} for r in self.rows]
+        rows = [{**{k: v for k, v in r.items() if k not in ("message", "crash")},
+                 **({"message": r["crash"]} if "crash" in r else {})} for r in self.rows]
         if self.json_path:
             write_results(self.json_path, rows)
         if self.junit_path:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from hypothesis import given, strategies as st
+from packaging.version import Version
 
 from converters import pipeline, reshape, xclip
 from parity_fixtures import harness, parity_xclip, xclip_original
@@ -65,12 +66,28 @@ def test_training_config_object_is_never_constructed(tmp_path):
     assert weights.keys() == model.state_dict().keys()
 
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers 5.10.2 keyed its checkpoint conversion rules by class name instead of model type
+# (conversion_mapping.py: "xclip_vision_model" -> "clip_vision_model" became "xCLIPVisionModel" ->
+# "CLIPVisionModel", lowercase x, and the PrefixChange(prefix_to_remove="vision_model") rule moved to
+# "CLIPVisionModel"), so no rule matches XCLIPVisionModel / XCLIPTextModel any more and the
+# `vision_model.` / `text_model.` prefixes of XCLIPModel's weights are never stripped. Found with
+# `upgrade-check --bisect` (README): 5.10.1 loads every key, 5.10.2 none; 5.10.1 had no xfail here
+# before (it was `transformers >= 5`), and failed as a strict XPASS.
+STANDALONE_BROKEN = Version(transformers.__version__) >= Version("5.10.2")
+STANDALONE_KEYS = {"XCLIPVisionModel": 63, "XCLIPTextModel": 36}  # of the tiny 2-layer configs
+STANDALONE_LOADS_NOTHING = pytest.mark.xfail(STANDALONE_BROKEN, strict=True, raises=AssertionError, reason=(
+    "transformers >= 5.10.2: the conversion rule for the standalone models is spelled xCLIPVisionModel / "
+    "xCLIPTextModel, so weights saved from XCLIPModel load nothing into XCLIPVisionModel / XCLIPTextModel "
+    f"(measured on the tiny 2-layer configs: {STANDALONE_KEYS['XCLIPVisionModel']} of "
+    f"{STANDALONE_KEYS['XCLIPVisionModel']} vision and {STANDALONE_KEYS['XCLIPTextModel']} of "
+    f"{STANDALONE_KEYS['XCLIPTextModel']} text keys missing)."))
 
 
-@pytest.mark.xfail(not TRANSFORMERS_5, strict=True, reason=(
-    "transformers 4.57.6: XCLIPProcessor(text=..., videos=...) silently returns no pixel_values (the video "
-    "is dropped; images= works); 5.x routes videos to the video processor."))
+# Bisected with upgrade-check (README): 5.6.2 still drops the video (returns only input_ids and
+# attention_mask), 5.7.0 keeps it; as `transformers < 5` this xfail let 5.0-5.6.2 fail.
+@pytest.mark.xfail(Version(transformers.__version__) < Version("5.7.0"), strict=True, reason=(
+    "transformers < 5.7.0: XCLIPProcessor(text=..., videos=...) silently returns no pixel_values (the video "
+    "is dropped; images= works); from 5.7.0 videos go to the video processor."))
 def test_processor_call_keeps_the_video(tmp_path):
     processor = xclip.hf_processor({"image_size": 14})
     frames = list(np.random.default_rng(0).integers(0, 256, (2, 20, 24, 3), dtype=np.uint8))
@@ -79,27 +96,37 @@ def test_processor_call_keeps_the_video(tmp_path):
     assert torch.equal(inputs["pixel_values"], xclip.process(processor, ["go shopping"], frames)["pixel_values"])
 
 
-STANDALONE_KEYS = {"XCLIPVisionModel": 63, "XCLIPTextModel": 36}  # of the tiny 2-layer configs
-
-
-@pytest.mark.xfail(TRANSFORMERS_5, strict=True, raises=AssertionError, reason=(
-    "transformers 5.23: the rename table for the standalone models is spelled xCLIPVisionModel / "
-    "xCLIPTextModel, so weights saved from XCLIPModel load nothing into XCLIPVisionModel / XCLIPTextModel "
-    f"(measured on the tiny 2-layer configs: {STANDALONE_KEYS['XCLIPVisionModel']} of "
-    f"{STANDALONE_KEYS['XCLIPVisionModel']} vision and {STANDALONE_KEYS['XCLIPTextModel']} of "
-    f"{STANDALONE_KEYS['XCLIPTextModel']} text keys missing)."))
+@STANDALONE_LOADS_NOTHING
 def test_standalone_models_load_converted_weights(xclip_variant):
     c = harness.case(xclip_variant.name)
     missing = {}
     for cls in (transformers.XCLIPVisionModel, transformers.XCLIPTextModel):
         model, info = cls.from_pretrained(_converted_dir(c), output_loading_info=True)
-        if TRANSFORMERS_5:  # the reason's counts: every key missing
+        if STANDALONE_BROKEN:  # the reason's counts: every key missing
             quoted = STANDALONE_KEYS[cls.__name__]
             assert_measured(f"{cls.__name__} keys (missing, all)", (len(info["missing_keys"]), len(model.state_dict())),
                             (quoted, quoted))
         if info["missing_keys"]:
             missing[cls.__name__] = f"{len(info['missing_keys'])} of {len(model.state_dict())} keys missing"
     assert not missing, missing
+
+
+@STANDALONE_LOADS_NOTHING
+def test_vision_model_loads_what_xclip_model_saved(xclip_variant, tmp_path, record_keys):
+    """Weights a user saves from XCLIPModel (save_pretrained) load into XCLIPVisionModel:
+    nothing missing, and the vision tower computes what it computed inside XCLIPModel.
+    The check `upgrade-check --bisect` runs to find the release that broke it (README)."""
+    c = harness.case(xclip_variant.name)
+    full = c.hf_model()
+    full.save_pretrained(tmp_path)
+    vision, info = transformers.XCLIPVisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    record_keys(info, compared_with="none missing")
+    assert not info["missing_keys"], (f"{len(info['missing_keys'])} of {len(vision.state_dict())} XCLIPVisionModel "
+                                      f"keys missing, e.g. {sorted(info['missing_keys'])[:3]}")
+    frames = c.inputs["video"].flatten(0, 1)  # (videos * frames, C, H, W), as XCLIPModel feeds its vision tower
+    with torch.no_grad():
+        inside, alone = full.vision_model(pixel_values=frames), vision.eval()(pixel_values=frames)
+    assert torch.equal(inside.pooler_output, alone.pooler_output)
 
 
 def test_config_derivation_matches_published_numbers(xclip_variant):
