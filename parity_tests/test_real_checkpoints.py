@@ -46,6 +46,13 @@ def check_published(variant, allow_downloads, workdir, monkeypatch, record=lambd
     assert_parity(diffs, f"{variant.name} against its published values")
 
 
+def _put_in_cache(url: str, data: bytes, filename: str | None = None) -> None:
+    """Where downloads.fetch looks for `url` offline (the tests' CONVERT_PARITY_CACHE)."""
+    path = downloads.cache_path_for(url, filename)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
 def test_published_values(variant, allow_downloads, tmp_path, monkeypatch, record_diffs):
     check_published(variant, allow_downloads, tmp_path, monkeypatch, record_diffs)
 
@@ -70,9 +77,7 @@ def test_tier_runs_end_to_end_from_caches(timesformer_variant, tmp_path, monkeyp
     np.save(buffer, video)
     for url in variant.inputs.files:
         offline_hub_cache(url, buffer.getvalue())
-    cached = downloads.cache_path_for(variant.source.url, variant.source.filename)
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(c.checkpoint.read_bytes())
+    _put_in_cache(variant.source.url, c.checkpoint.read_bytes(), variant.source.filename)
 
     tiny = dataclasses.replace(variant, config=c.spec, inputs=inputs, published=())
     hf_input = family(variant.family).real_input(tiny, [downloads.fetch(f) for f in variant.inputs.files])
@@ -130,7 +135,7 @@ def _byte_tokens(text: str, length: int, mask: tuple[int, int], wrapped: bool):
     return {"inputs": row, "input_mask": attended}
 
 
-def _perceiver_stand_in(variant, tmp_path, orig):
+def _perceiver_stand_in(variant, orig):
     """(the tiny variant whose published values are the original's on the files the test made,
     the files' URLs -> bytes)."""
     import dataclasses
@@ -197,14 +202,10 @@ def test_perceiver_tier_runs_end_to_end_from_caches(tier_variant, tmp_path, monk
     tiny stand-in whose published values are the original network's on the same files. A
     wrong token offset or mask, crop, patch layout, scale or output slice makes it fail."""
     monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    tiny, checkpoint, files = _perceiver_stand_in(tier_variant, tmp_path, exact_gelu_original)
-    cached = downloads.cache_path_for(tiny.source.url, tiny.source.filename)
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(checkpoint.read_bytes())
+    tiny, checkpoint, files = _perceiver_stand_in(tier_variant, exact_gelu_original)
+    _put_in_cache(tiny.source.url, checkpoint.read_bytes(), tiny.source.filename)
     for url, data in files.items():
-        path = downloads.cache_path_for(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        _put_in_cache(url, data)
     try:
         check_published(tiny, False, tmp_path, monkeypatch)
     except pytest.skip.Exception as skipped:  # the stand-in made every file: a skip is a failure here
