@@ -66,11 +66,12 @@ def cmd_convert(args) -> int:
     from . import downloads, pipeline
 
     variant = get_variant(args.variant)
+    verdicts = []
+    verify = _verifier(variant, args, verdicts) if args.verify else None
     with downloads.forced_offline("--offline") if args.offline else contextlib.nullcontext():
         out = pipeline.convert_file(variant, args.checkpoint, args.out, overwrite=args.overwrite,
-                                    hub_config=args.hub_config, progress=lambda msg: print(msg, file=sys.stderr))
-    if args.verify:
-        _verify(variant, out)
+                                    hub_config=args.hub_config, progress=lambda msg: print(msg, file=sys.stderr),
+                                    verify=verify)
     hub = hub_config_values(variant) if args.hub_config else {}
     if hub:
         print(f"note: --hub-config wrote the published hub config ({_changes(variant, hub)}): the model computes "
@@ -78,32 +79,28 @@ def cmd_convert(args) -> int:
     if known := known_divergence(variant):
         print(f"warning: {variant.name} does not reproduce the original in any config: {known.describe()}",
               file=sys.stderr)
-    return 0
+    if not verdicts:
+        return 0
+    verdict = verdicts[0]
+    print("\n".join(verdict.lines()), file=sys.stderr)
+    print(f"evidence: {out / 'parity.json'}, {out / 'README.md'}", file=sys.stderr)
+    return verdict.exit_code
 
 
-def _verify(variant, out) -> None:
-    """Load the output as a user would, with no missing, unexpected or mismatched
-    keys, and run it once on a random input of the right shape."""
-    import torch
+def _verifier(variant, args, verdicts: list):
+    """The `verify` step of pipeline.convert_file: the verdict (kept in `verdicts`) and its evidence files."""
+    from . import downloads, evidence, pipeline, verify
 
-    from . import pipeline
+    def run(staged, checkpoint, box, conversion_seconds):
+        spec = pipeline.spec_of(variant) | (hub_config_values(variant) if args.hub_config else {})
+        verdict = verify.verify(variant, spec, staged, checkpoint, box, hub_config=args.hub_config, seed=args.seed,
+                                progress=lambda msg: print(msg, file=sys.stderr))
+        verdicts.append(verdict)
+        source = {"source": shown(args.checkpoint), "sha256": downloads.sha256_file(checkpoint),
+                  "bytes": checkpoint.stat().st_size}
+        return evidence.evidence_files(verdict, variant, spec, source, args.hub_config, conversion_seconds)
 
-    model, info = pipeline.hf_model_class(variant).from_pretrained(out, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise SystemExit(f"verify failed: {problems}")
-    verify_inputs = family(variant.family).verify_inputs
-    if verify_inputs is None:
-        print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys", file=sys.stderr)
-        return
-    with torch.no_grad():
-        outputs = model.eval()(**verify_inputs(model.config))
-    bad = [k for k, v in outputs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-    if bad:
-        raise SystemExit(f"verify failed: non-finite outputs {bad}")
-    shapes = {k: tuple(v.shape) for k, v in outputs.items() if torch.is_tensor(v)}
-    print(f"verified: from_pretrained loads {out} with no missing, unexpected or mismatched keys; "
-          f"a random input gives finite outputs {shapes}", file=sys.stderr)
+    return run
 
 
 def cmd_matrix(args) -> int:
@@ -163,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="local path, hf:// or huggingface.co URL, Google Drive link or URL")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--verify", action="store_true", help="load the result with from_pretrained and run it")
+    p.add_argument("--verify", action="store_true",
+                   help="prove the result against the original model: the checkpoint's weights in the project's "
+                        "re-implementation of the original, both run on one input, every output compared at the "
+                        "family tolerance; writes parity.json and a model card. Exit 0: within tolerance; "
+                        "1: beyond (the first diverging layer is printed); 3: a known port divergence, named")
+    p.add_argument("--seed", type=int, default=None,
+                   help="with --verify: run a seeded input (default: the published recipe's input when its files "
+                        "are cached, else seed 0)")
     p.add_argument("--offline", action="store_true",
                    help="use cached files only: no download, no probe of the hub (label names, tokenizers)")
     p.add_argument("--hub-config", action="store_true",
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except (FileNotFoundError, errors.CheckpointError, errors.DownloadError, errors.OutputExistsError,
-            errors.OutputPathError) as err:
+            errors.OutputPathError, errors.VerifyError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     except SystemExit:

@@ -19,6 +19,11 @@ class OutputPathError(ValueError):
     """An --out that would put the user's other files at risk, or cannot be written."""
 
 
+class VerifyError(RuntimeError):
+    """`convert --verify` could not reach a verdict (the output does not load, the original
+    reference cannot take the checkpoint)."""
+
+
 def shown(text: object, limit: int = 200) -> str:
     """`text` as it may appear in a message: anything taken from a file (a pickled
     global's name, a key, a dtype) could carry terminal escape sequences that erase

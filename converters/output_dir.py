@@ -151,16 +151,27 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
                 fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, no copy
 
 
+def write_model(directory: Path, state_dict: Mapping[str, torch.Tensor], config, processor=None) -> None:
+    """What `from_pretrained` reads, into `directory`: config.json, model.safetensors, the
+    processor config, without building a model (the converted tensors are the model)."""
+    config.save_pretrained(directory)
+    write_safetensors(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
+    if processor is not None:
+        processor.save_pretrained(directory)
+
+
+def write_text_files(directory: Path, files: Mapping[str, str]) -> None:
+    for name, text in files.items():
+        if name not in OUTPUT_FILES:  # --overwrite must recognise every file a conversion writes
+            raise ValueError(f"{name} is not one of the output files (output_dir.OUTPUT_FILES)")
+        (directory / name).write_text(text)
+
+
 def save_converted(state_dict: Mapping[str, torch.Tensor], config, out_dir: str | os.PathLike, *,
                    processor=None, overwrite: bool = False, extra_files: Mapping[str, str] | None = None,
                    protected: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Write what `from_pretrained` reads: config.json, model.safetensors, the
-    processor config, without building a model (the converted tensors are the model)."""
+    """`write_model` into `out_dir`, atomically."""
     with atomic_output_dir(out_dir, overwrite=overwrite, protected=protected) as tmp:
-        config.save_pretrained(tmp)
-        write_safetensors(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_model(tmp, state_dict, config, processor)
+        write_text_files(tmp, extra_files or {})
     return Path(out_dir)

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -102,10 +102,16 @@ def load_cached_checkpoint(path: Path, variant: Variant, from_cache: bool) -> di
 
 
 def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | None = None,
-                 overwrite: bool = False, hub_config: bool = False, progress=print) -> Path:
+                 overwrite: bool = False, hub_config: bool = False, progress=print,
+                 verify: Callable | None = None) -> Path:
     """Convert one original checkpoint file (or URL) to a `from_pretrained` directory.
     hub_config: write the published hub config's values where they differ from the
-    original's computation (registry.hub_config_values), not the original's."""
+    original's computation (registry.hub_config_values), not the original's.
+
+    verify: `(staged_dir, checkpoint_path, state_dict_box, conversion_seconds) -> {name: text}`,
+    run on the written model before the output directory appears; the files it returns are
+    written beside the model (parity.json, README.md). The box holds the original state
+    dict the loader read, for the callee to take (the converted tensors are released first)."""
     fam = family(variant.family)
     spec = dict(spec or spec_of(variant))
     if hub_config:
@@ -113,13 +119,14 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     local = () if downloads.is_url(checkpoint) else (checkpoint,)
     out = output_dir.check_output_dir(out_dir, overwrite, protected=local)  # before any slow work
     t0 = time.perf_counter()
-    progress(f"[1/4] fetching {shown(checkpoint)}")
+    steps = 5 if verify else 4
+    progress(f"[1/{steps}] fetching {shown(checkpoint)}")
     path = downloads.fetch(checkpoint, filename=variant.source.filename or None, sha256=variant.source.sha256,
                            container=variant.source.container)
     output_dir.check_output_dir(out, overwrite, protected=(path,))  # a download's cache entry counts too
-    progress(f"[2/4] loading {shown(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
+    progress(f"[2/{steps}] loading {shown(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
     original = load_cached_checkpoint(path, variant, from_cache=downloads.is_url(checkpoint))
-    progress(f"[3/4] converting {len(original)} tensors")
+    progress(f"[3/{steps}] converting {len(original)} tensors")
     try:
         converted = fam.convert(original, spec)
     except KeyError as err:  # a rename table meeting a key it has no rule for
@@ -127,11 +134,20 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     labels = load_label_names(variant)
     config = fam.hf_config(spec, labels)
     check_against_model(variant, converted, config)
-    progress(f"[4/4] writing {out}")
-    output_dir.save_converted(converted, config, out, processor=fam.hf_processor(spec), overwrite=overwrite,
-                               protected=(path,))
+    count = len(converted)
+    progress(f"[4/{steps}] writing {out}")
+    box = [original]
+    del original  # the box owns it now: `verify` takes it out, and nothing else keeps it alive
+    with output_dir.atomic_output_dir(out, overwrite=overwrite, protected=(path,)) as staged:
+        output_dir.write_model(staged, converted, config, fam.hf_processor(spec))
+        del converted
+        seconds = time.perf_counter() - t0
+        if verify is not None:
+            progress(f"[5/{steps}] verifying against the original model ({seconds:.1f} s so far)")
+            output_dir.write_text_files(staged, verify(staged, path, box, seconds))
+    box.clear()
     for warning in fam.user_warnings(variant):  # port differences users must handle
         log.warning("%s: %s", variant.name, warning)
     unnamed = "; label names not available, the config has LABEL_i" if variant.config.get("label_file") and not labels else ""
-    progress(f"done in {time.perf_counter() - t0:.1f} s: {len(converted)} tensors -> {out}{unnamed}")
+    progress(f"done in {time.perf_counter() - t0:.1f} s: {count} tensors -> {out}{unnamed}")
     return out
