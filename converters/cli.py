@@ -8,7 +8,7 @@ import warnings
 
 from . import errors
 from .errors import shown
-from .registry import UnknownVariantError, all_variants, family, get_variant, hub_config_values, known_divergence
+from .registry import UnknownVariantError, all_variants, get_variant, hub_config_values, known_divergence
 
 
 def _config_summary(v) -> str:

@@ -114,7 +114,6 @@ class Family:
     # the converted (on-disk) names -> the installed transformers' names, for in-memory load_state_dict
     installed_schema: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] = _as_saved
     user_warnings: Callable[[Variant], tuple[str, ...]] = _no_warnings  # port differences `convert` reports
-    verify_inputs: Callable | None = None  # (config) -> a random input for `convert --verify`; None: load only
     known_divergences: Mapping[str, KnownDivergence] = field(default_factory=dict)  # variant name -> cause, size
     hub_config: Mapping[str, Any] = field(default_factory=dict)  # what `convert --hub-config` writes instead
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
-
 from .family import Family, InputRecipe, PublishedValues, Source, Variant
 from .rename import prefixed, rules
 
@@ -182,12 +180,7 @@ def real_outputs(model, variant: Variant, files) -> dict:
     return {"logits": model(**real_input(variant, files)).logits}
 
 
-def verify_inputs(config) -> dict:
-    """A random video of the configured size, for `convert --verify`."""
-    return {"pixel_values": torch.randn(1, config.num_frames, config.num_channels, config.image_size, config.image_size)}
-
-
 FAMILY = Family(
     name=NAME, variants=VARIANTS, tables={"TimesformerForVideoClassification": RULES},  # keys without `model.`
     hf_config=hf_config, hf_processor=hf_processor, real_input=real_input, real_outputs=real_outputs,
-    user_warnings=user_warnings, verify_inputs=verify_inputs)
+    user_warnings=user_warnings)

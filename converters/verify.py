@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import torch
-
 from . import downloads
 from .family import Variant
 from .registry import hub_config_values, known_divergence
@@ -169,7 +167,7 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
         port = side.port_forward(model, inputs, hub_config=hub_config_values(variant) if hub_config else {})
         seconds["port_forward"] = time.perf_counter() - t0
     del model
-    progress(f"[verify 2/3] the converted model, loaded with from_pretrained")
+    progress("[verify 2/3] the converted model, loaded with from_pretrained")
     t0 = time.perf_counter()
     hf_model = load_converted(variant, model_dir)
     hf = side.hf_forward(hf_model, inputs)
