@@ -45,7 +45,8 @@ def test_wrong_container_lists_keys(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
-    """The product path at full size: a random full-size original file -> CLI -> from_pretrained."""
+    """The product path at full size: a random full-size original file -> CLI -> from_pretrained,
+    proven against the full-size original carrying the file's weights."""
     monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")  # label names: cache only
     from converters.registry import get_variant
 
@@ -54,12 +55,15 @@ def test_full_size_convert_and_verify(capsys, tmp_path, monkeypatch):
     path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
     timesformer_original.save_checkpoint(model, path, spec=spec, training_state=False)
     code, _, err = run(capsys, "convert", "timesformer-base-finetuned-k400", "--checkpoint", str(path),
-                       "--out", str(tmp_path / "hf"), "--verify")
+                       "--out", str(tmp_path / "hf"), "--verify", "--seed", "0")
     assert code == 0, err
-    for step in ("[1/4] fetching", "[2/4] loading", "[3/4] converting", "[4/4] writing", "verified"):
+    for step in ("[1/5] fetching", "[2/5] loading", "[3/5] converting", "[4/5] writing", "[5/5] verifying",
+                 "verify passed", "seed 0"):
         assert step in err
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert files == ["README.md", "config.json", "model.safetensors", "parity.json", "preprocessor_config.json"]
+    record = json.loads((tmp_path / "hf" / "parity.json").read_text())
+    assert record["config"]["spec"]["num_hidden_layers"] == 12 and record["outcome"] == "pass"
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["num_frames"], config["image_size"], len(config["id2label"])) == (8, 224, 400)
     # Converting again into the same directory needs --overwrite.
