@@ -16,6 +16,7 @@ Outcomes, and the CLI's exit codes:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -156,22 +157,23 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
     seconds = {}
     inputs, used = choose_input(side, variant, spec, seed)
     progress(f"[verify 1/3] the original {variant.family} reference on {used.describe()}")
-    t0 = time.perf_counter()
-    model = side.load(spec, state_dict_box.pop() if state_dict_box else pipeline.load_original_state_dict(
-        checkpoint, variant))
-    reference = side.forward(model, inputs)
-    seconds["original_forward"] = time.perf_counter() - t0
+    clock = _Clock(seconds)
+    with clock("load_original"):
+        state_dict = state_dict_box.pop() if state_dict_box else pipeline.load_original_state_dict(checkpoint, variant)
+        model = side.load(spec, state_dict)
+        del state_dict
+    with clock("original_forward"):
+        reference = side.forward(model, inputs)
     port = None
     if found:  # the weights check: the original's network with what the HF side hard-codes
-        t0 = time.perf_counter()
-        port = side.port_forward(model, inputs, hub_config=hub_config_values(variant) if hub_config else {})
-        seconds["port_forward"] = time.perf_counter() - t0
+        with clock("port_forward"):
+            port = side.port_forward(model, inputs, hub_config=hub_config_values(variant) if hub_config else {})
     del model
     progress("[verify 2/3] the converted model, loaded with from_pretrained")
-    t0 = time.perf_counter()
-    hf_model = load_converted(variant, model_dir)
-    hf = side.hf_forward(hf_model, inputs)
-    seconds["hf_forward"] = time.perf_counter() - t0
+    with clock("load_converted"):
+        hf_model = load_converted(variant, model_dir)
+    with clock("hf_forward"):
+        hf = side.hf_forward(hf_model, inputs)
     outputs = compare_outputs(reference, hf, **tolerance)
     weights = compare_outputs(port, hf, **tolerance) if port is not None else []
     if found:
@@ -181,10 +183,24 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
     verdict = Verdict(variant.name, outcome, dict(tolerance), used, outputs, found, weights, seconds=seconds)
     if outcome == "fail":
         progress("[verify 3/3] localising the first diverging layer")
-        t0 = time.perf_counter()
-        _localise(verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline)
-        seconds["localisation"] = time.perf_counter() - t0
+        with clock("localisation"):
+            _localise(verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline)
     return verdict
+
+
+class _Clock:
+    """`with clock(name):` adds the block's wall time to seconds[name]."""
+
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline) -> None:
