@@ -160,7 +160,7 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
     clock = _Clock(seconds)
     with clock("load_original"):
         state_dict = state_dict_box.pop() if state_dict_box else pipeline.load_original_state_dict(checkpoint, variant)
-        model = side.load(spec, state_dict)
+        model = _load_original(side, spec, state_dict, variant)
         del state_dict
     with clock("original_forward"):
         reference = side.forward(model, inputs)
@@ -186,6 +186,16 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
         with clock("localisation"):
             _localise(verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline)
     return verdict
+
+
+def _load_original(side, spec, state_dict, variant):
+    from . import errors
+
+    try:
+        return side.load(spec, state_dict)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # strict loads name what does not fit
+        raise errors.VerifyError(f"the original {variant.family} reference cannot take the checkpoint's weights at "
+                                 f"{variant.name}'s spec: {errors.shown(' '.join(str(err).split()), 600)}") from err
 
 
 class _Clock:

@@ -113,3 +113,17 @@ def test_output_that_does_not_load_is_one_error_line(tiny_cli, capsys, tmp_path,
     assert code == 1 and len(errors) == 1 and "does not load the output cleanly" in errors[0], err
     assert "query.weight" in errors[0]
     assert not (tmp_path / "hf").exists()
+
+
+def test_weights_the_original_cannot_take_are_one_error_line(tiny_cli, capsys, tmp_path, monkeypatch):
+    side = harness.original("timesformer")
+
+    def refuses(spec, state_dict):
+        raise RuntimeError("Error(s) in loading state_dict for TimeSformer:\n\tMissing key(s): \"model.head.weight\"")
+
+    monkeypatch.setattr(side, "load", refuses)
+    _, code, err = _convert(tiny_cli, capsys, "timesformer-base-finetuned-k400", tmp_path / "hf", "--seed", "0")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, err
+    assert "reference cannot take the checkpoint's weights" in errors[0] and "model.head.weight" in errors[0]
+    assert not (tmp_path / "hf").exists()
