@@ -222,6 +222,20 @@ class Localisation:
     def layers_compared(self) -> set[str]:
         return {c.pair.layer for c in self.compared}
 
+    def record(self) -> dict:
+        """For parity.json: the first diverging pair with its numbers, and the counts."""
+        first = self.first
+        counts = {"pairs_compared": len(self.compared), "not_comparable": len(self.skipped),
+                  "unobserved": len(self.unobserved)}
+        if first is None:
+            return {"first_divergence": None, **counts}
+        d = first.diff
+        return {"first_divergence": {
+            "original_module": first.pair.original, "hf_modules": list(first.pair.hf), "layer": first.pair.layer,
+            "call": first.call, "max_abs": d.max_abs, "max_rel": d.max_rel, "index": list(d.index),
+            "out_of_tolerance": d.mismatched, "elements": d.total, "atol": d.atol, "rtol": d.rtol,
+            "pairs_before_within_tolerance": sum(1 for c in self.compared if c.order < first.order)}, **counts}
+
     def describe(self) -> str:
         first = self.first
         counts = f"{len(self.compared)} pairs compared, {len(self.skipped)} not comparable"
@@ -235,7 +249,8 @@ class Localisation:
         else:
             numbers = f"max abs {d.max_abs:.3g} at index {d.index}, max rel {d.max_rel:.3g}"
         return (f"first divergence: original {pair.original}{call} -> HF {_hf_names(pair.hf)} ({pair.layer}): "
-                f"{numbers}, {d.mismatched}/{d.total} out of tolerance (atol={d.atol:.2g}, rtol={d.rtol:.2g}); "
+                f"{numbers}, {d.mismatched}/{d.total} out of tolerance (atol {d.atol:.2g}: the family's atol plus "
+                f"rtol x this tensor's largest |value|; rtol {d.rtol:g}); "
                 f"{before} pairs before it within tolerance; {counts}")
 
 

@@ -88,6 +88,11 @@ class Verdict:
             out += [f"    {d.describe() if not d.ok else _ok_line(d)}" for d in self.weights_check]
         if self.localisation is not None:
             out += [f"  {line}" for line in self.localisation.describe().splitlines()]
+            if self.localisation.first is None:
+                out.append("  (the difference arises where no module pair is observed: a parameter the model reads "
+                           "directly, or the step between the last pair and the output)")
+        if self.outcome == "fail":
+            out.append("  the output is kept with this evidence; do not use it")
         elif self.localisation_error:
             out.append(f"  localisation unavailable: {self.localisation_error}")
         return out
@@ -220,8 +225,9 @@ def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoin
 
     try:
         state_dict = pipeline.load_original_state_dict(checkpoint, variant)
+        keys = list(state_dict)
         verdict.localisation = localise.localise(variant, spec, side, side.load(spec, state_dict), hf_model, inputs,
-                                                 **verdict.tolerance)
+                                                 **verdict.tolerance, original_keys=keys)
     except Exception as err:  # localisation is a diagnosis: its failure must not hide the verdict
         verdict.localisation_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 

@@ -127,3 +127,37 @@ def test_weights_the_original_cannot_take_are_one_error_line(tiny_cli, capsys, t
     assert code == 1 and len(errors) == 1, err
     assert "reference cannot take the checkpoint's weights" in errors[0] and "model.head.weight" in errors[0]
     assert not (tmp_path / "hf").exists()
+
+
+# ---- a planted mapping bug: caught, and localised to its layer -------------------------------
+
+ONE_PER_FAMILY = ("timesformer-base-finetuned-k400", "xclip-base-patch32", "vivit-b-16x2-kinetics400",
+                  "vit-msn-small", "vision-perceiver-fourier")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=pytest.mark.xdist_group(n)) for n in ONE_PER_FAMILY])
+def test_planted_mapping_bug_is_caught_and_localised(name, tiny_cli, capsys, tmp_path, monkeypatch):
+    """Two weights of the middle layer crossed, as a rule table with two targets swapped
+    writes them (fixtures/planted.py): --verify exits 1 and names that layer, in its output
+    and in parity.json; the output is kept with its evidence, and the card says FAILED."""
+    import importlib
+
+    from converters import localise
+    from parity_fixtures import planted
+
+    c = harness.case(name)
+    layer = planted.middle_layer(c.variant, c.converted)
+    swapped = planted.swapped_keys(c.variant, c.converted, layer)
+    block = localise.block_of(localise.installed_names(c.variant, c.converted)[swapped[0]].rpartition(".")[0])
+    monkeypatch.setattr(importlib.import_module(f"converters.{c.variant.family}"), "FAMILY",
+                        planted.planted_family(c.variant, layer))
+    out = tmp_path / "hf"
+    _, code, err = _convert(tiny_cli, capsys, name, out, "--seed", "1")
+    assert code == 1, err
+    assert "verify FAILED" in err and "first divergence: original " in err and f"({block})" in err, err
+    record = json.loads((out / "parity.json").read_text())
+    first = record["localisation"]["first_divergence"]
+    assert record["outcome"] == "fail" and first["layer"] == block
+    assert first["max_abs"] > record["tolerance"]["atol"] and first["pairs_before_within_tolerance"] > 0
+    assert any(not o["within"] for o in record["outputs"])
+    assert "**FAILED**" in (out / "README.md").read_text() and "first divergence" in (out / "README.md").read_text()
