@@ -552,6 +552,30 @@ def fetch(location: str | os.PathLike, *, filename: str | None = None, sha256: s
     return dest
 
 
+def _is_cached(url: str) -> bool:
+    """Whether `url` has a local copy fetch() would use offline; looks, never downloads."""
+    if not is_url(url):
+        return Path(url).expanduser().is_file()
+    hub = parse_hub_url(url)
+    if hub is None:
+        return cache_path_for(url).exists()
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_type, repo_id, revision, filename = hub
+    return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type), str)
+
+
+def cached_only(urls) -> list[Path] | None:
+    """The local copies of all `urls` (an input recipe's files), from the caches alone: no
+    network, no hub probe, whatever the user's settings (forced offline). None if any of them
+    is not cached. A cached copy is verified as fetch() verifies it: one whose recorded sha256
+    no longer matches raises DownloadError (a damaged cache is not a missing file)."""
+    if not all(_is_cached(url) for url in urls):
+        return None
+    with forced_offline("cached files only"):
+        return [fetch(url, progress=False) for url in urls]
+
+
 def _fetch_hub(url: str, repo_type: str, repo_id: str, revision: str, filename: str, *,
                container: str | None = None) -> Path:
     """The hub cache first (no network, no probe); then, if the hub answers, hf_hub_download.

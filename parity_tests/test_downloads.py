@@ -393,3 +393,40 @@ def test_forced_offline_never_probes_and_is_restored(hub_at, refused_port):
         assert downloads.hub_available() is False and hc.HF_HUB_OFFLINE is True
         assert downloads.offline_reason() == "offline (--offline)"
     assert calls == [] and hc.HF_HUB_OFFLINE is False and not downloads.is_offline()
+
+
+# ---- cached_only: an input recipe's files from the caches, never the network ----------------------
+
+def test_cached_only_gives_cached_copies_and_never_downloads(cache, offline_hub_cache, hub_at, silent_port,
+                                                             http_server):
+    """Online settings, a hub endpoint that never answers (a probe would hang 1.5 s) and a server
+    that has the plain file: cached_only probes nothing and downloads nothing. None while any
+    file is missing; then the cached paths, in order; huggingface_hub's offline switch restored."""
+    import huggingface_hub.constants as hc
+
+    probes = hub_at(f"http://127.0.0.1:{silent_port}")
+    served, base = http_server
+    (served / "frame.png").write_bytes(b"png bytes")
+    hub_url, plain_url = "hf://datasets/org/videos/clip.npy", f"{base}/frame.png"
+    offline_hub_cache(hub_url, b"npy bytes")
+    assert downloads.cached_only([hub_url, plain_url]) is None
+    assert not downloads.cache_path_for(plain_url).exists(), "cached_only downloaded a missing file"
+    assert downloads.cached_only([plain_url, "hf://datasets/org/videos/other.npy"]) is None
+    entry = downloads.cache_path_for(plain_url)
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"png bytes")
+    paths = downloads.cached_only([hub_url, plain_url])
+    assert [p.read_bytes() for p in paths] == [b"npy bytes", b"png bytes"] and paths[1] == entry
+    assert downloads.cached_only([]) == []
+    assert probes == [] and hc.HF_HUB_OFFLINE is False and not downloads.is_offline()
+
+
+def test_cached_only_refuses_a_damaged_cache_entry(cache):
+    """A cached copy whose recorded sha256 no longer matches is an error, not a missing file."""
+    url = "https://storage.googleapis.com/perceiver_io/sintel_frame1.png"
+    entry = downloads.cache_path_for(url)
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"changed")
+    entry.with_name(entry.name + ".sha256").write_text("0" * 64 + "  sintel_frame1.png\n")
+    with pytest.raises(DownloadError, match="has sha256 .* expected 0000"):
+        downloads.cached_only([url])

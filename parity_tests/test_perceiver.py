@@ -100,6 +100,46 @@ def test_port_difference_hub_config_gelu(perceiver_variant):
     assert_parity(diffs, f"{name}: the hub config's exact GELU vs the original's tanh GELU")
 
 
+# The original loaded from the tiny checkpoint through the project's loader, run with the port's
+# structure (port_forward): tanh GELU (the original's) vs the hub config's exact GELU, max abs over
+# the compared outputs. Measured on the tiny models (seed 0, harness.case inputs) by this test;
+# within 4% of HUB_GELU_MAX_ABS above (that one includes the HF side's rounding).
+ORIGINAL_TANH_VS_EXACT_MAX_ABS = {"language-perceiver": "5.4e-3", "vision-perceiver-learned": "6.0e-4",
+                                  "vision-perceiver-fourier": "5.6e-4", "vision-perceiver-conv": "6.7e-4",
+                                  "optical-flow-perceiver": "4.3e-4", "multimodal-perceiver": "6.4e-4"}
+
+
+def test_port_forward_with_hub_config_is_the_hub_config_conversion(perceiver_variant):
+    """`port_forward(loaded, inputs, hub_config)`, the original on the weights as the loader
+    reads them from the file, with the port's structure and the hub config's numerics, is what
+    the HF model with the --hub-config values computes (within the family tolerance), and not
+    what the original's tanh GELU computes (outside it, by the measured amount)."""
+    from converters.registry import hub_config_values
+
+    variant = perceiver_variant
+    c = harness.case(variant.name)
+    hub = hub_config_values(variant)
+    assert hub == {"hidden_act": "gelu"}
+    loaded = pp.ORIGINAL.load(c.spec, pipeline.load_original_state_dict(c.checkpoint, variant))
+    model = pipeline.hf_model_class(variant)(perceiver.hf_config({**c.spec, **hub})).eval()
+    model.load_state_dict(pipeline.for_installed_transformers(variant, c.converted), strict=True)
+    exact = pp.ORIGINAL.port_forward(loaded, c.inputs, hub)
+    assert_parity(compare_outputs(exact, pp.ORIGINAL.hf_forward(model, c.inputs), **TOL),
+                  f"{variant.name}: the original with the hub config's numerics vs the --hub-config conversion")
+    tanh = compare_outputs(pp.ORIGINAL.port_forward(loaded, c.inputs), exact, **TOL)
+    assert not all(d.ok for d in tanh), "the hub config's GELU made no difference beyond the tolerance"
+    assert_measured(f"{variant.name}, original tanh vs exact GELU", max(d.max_abs for d in tanh),
+                    ORIGINAL_TANH_VS_EXACT_MAX_ABS[variant.name])
+
+
+def test_port_forward_refuses_hub_values_it_cannot_follow():
+    model = pp.ORIGINAL.build(harness.case("vision-perceiver-fourier").spec, harness.SEED)
+    inputs = harness.case("vision-perceiver-fourier").inputs
+    for hub in ({"hidden_act": "relu"}, {"layer_norm_eps": 1e-12}):
+        with pytest.raises(ValueError, match="cannot run with the hub config"):
+            pp.ORIGINAL.port_forward(model, inputs, hub)
+
+
 # ---- the two port differences no config removes (KNOWN_DIVERGENCES) ----------------------------
 
 @pytest.mark.slow

@@ -106,23 +106,6 @@ _PERCEIVER_TIER = [pytest.param(v, id=v.name, marks=pytest.mark.xdist_group(v.na
 _PAD, _MASK, _CLS, _SEP, _RESERVED = 0, 3, 4, 5, 6
 
 
-@pytest.fixture
-def exact_gelu_original(monkeypatch):
-    """The published values came from the port with the hub config, whose GELU is the exact
-    one (the original's is tanh): the stand-in's expected values are the original network's
-    with that GELU, so the comparison measures the tier's code and not the known GELU gap."""
-    import jax
-
-    from parity_fixtures import perceiver_original as orig
-
-    monkeypatch.setattr(orig, "_gelu", lambda x: jax.nn.gelu(x, approximate=False))
-    orig._jitted.cache_clear()  # traced with the tanh GELU by other tests of this worker
-    orig._transformed.cache_clear()
-    yield orig
-    orig._jitted.cache_clear()
-    orig._transformed.cache_clear()
-
-
 def _byte_tokens(text: str, length: int, mask: tuple[int, int], wrapped: bool):
     import numpy as np
 
@@ -135,22 +118,30 @@ def _byte_tokens(text: str, length: int, mask: tuple[int, int], wrapped: bool):
     return {"inputs": row, "input_mask": attended}
 
 
-def _perceiver_stand_in(variant, orig):
+def _perceiver_stand_in(variant):
     """(the tiny variant whose published values are the original's on the files the test made,
-    the files' URLs -> bytes)."""
+    the files' URLs -> bytes).
+
+    The published values came from the port with the hub config, whose GELU is the exact one
+    (the original's is tanh): the stand-in's values are the original network's with the port's
+    structure and that GELU (hub_numerics_hparams), so the comparison measures the tier's code
+    and not the known differences."""
     import dataclasses
     import io
 
     import numpy as np
     from PIL import Image
 
+    from converters.registry import hub_config_values
     from parity_fixtures import original_preprocessing
     from parity_fixtures import parity_perceiver as pp
+    from parity_fixtures import perceiver_original as orig
 
     c = harness.case(variant.name)
     spec, arch = c.spec, pp.arch_of(c.spec)
     built = c.original.build(spec, harness.SEED)
-    hp = pp.port_structure_hparams({**built["hp"], "batch_size": 1}, arch)  # the values are the port's
+    hp = {**pp.port_structure_hparams({**built["hp"], "batch_size": 1}, arch),  # the values are the port's
+          **pp.hub_numerics_hparams(hub_config_values(variant))}
 
     def run(inputs):
         return orig.forward(arch.original, hp, built["params"], built["state"], inputs)["logits"]
@@ -196,13 +187,13 @@ def _perceiver_stand_in(variant, orig):
 
 
 @pytest.mark.parametrize("tier_variant", _PERCEIVER_TIER)
-def test_perceiver_tier_runs_end_to_end_from_caches(tier_variant, tmp_path, monkeypatch, exact_gelu_original):
+def test_perceiver_tier_runs_end_to_end_from_caches(tier_variant, tmp_path, monkeypatch):
     """The Perceiver tier's own path (cached checkpoint and input files, convert_file with the
     hub config, from_pretrained, perceiver.real_input / real_outputs, the value check) on a
     tiny stand-in whose published values are the original network's on the same files. A
     wrong token offset or mask, crop, patch layout, scale or output slice makes it fail."""
     monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
-    tiny, checkpoint, files = _perceiver_stand_in(tier_variant, exact_gelu_original)
+    tiny, checkpoint, files = _perceiver_stand_in(tier_variant)
     _put_in_cache(tiny.source.url, checkpoint.read_bytes(), tiny.source.filename)
     for url, data in files.items():
         _put_in_cache(url, data)
