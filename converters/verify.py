@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from . import downloads
+from . import downloads, errors
 from .family import Variant
 from .registry import hub_config_values, known_divergence
 
@@ -121,7 +121,10 @@ def _recipe_input(side, variant: Variant, spec: Mapping):
     urls = variant.inputs.files
     if not urls:
         return None, "the variant has no published input recipe"
-    paths = downloads.cached_only(urls)
+    try:
+        paths = downloads.cached_only(urls)
+    except errors.DownloadError as err:  # a cached file that no longer matches its recorded digest
+        return None, f"a cached recipe file is unusable ({' '.join(str(err).split())[:300]})"
     if paths is None:
         return None, "the published recipe's files are not cached"
     inputs = side.recipe_inputs(variant, spec, paths)

@@ -161,3 +161,37 @@ def test_planted_mapping_bug_is_caught_and_localised(name, tiny_cli, capsys, tmp
     assert first["max_abs"] > record["tolerance"]["atol"] and first["pairs_before_within_tolerance"] > 0
     assert any(not o["within"] for o in record["outputs"])
     assert "**FAILED**" in (out / "README.md").read_text() and "first divergence" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_size_verify_runs_the_cached_recipe_input(tmp_path, monkeypatch, offline_hub_cache, capsys):
+    """At full size, with the recipe's file in the cache (a stand-in image), --verify runs the
+    published recipe's input, records its file and digest, and still downloads nothing."""
+    import hashlib
+
+    from converters import cli
+    from converters.registry import get_variant
+    from parity_tests.test_real_checkpoints import _put_in_cache
+    from parity_tests.test_recipe_inputs import _stand_in_bytes
+
+    v = get_variant("vit-msn-small")
+    monkeypatch.setenv("CONVERT_PARITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CONVERT_PARITY_OFFLINE", "1")
+    digests = {}
+    for url in v.inputs.files:
+        data = _stand_in_bytes(url)
+        offline_hub_cache(url, data) if downloads.parse_hub_url(url) else _put_in_cache(url, data)
+        digests[url] = hashlib.sha256(data).hexdigest()
+    side, spec = harness.original(v.family), dict(v.config)
+    path = tmp_path / v.source.filename
+    side.save(side.build(spec, 0), path, side.containers[0], spec)
+    out = tmp_path / "hf"
+    code = cli.main(["convert", v.name, "--checkpoint", str(path), "--out", str(out), "--verify"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    record = json.loads((out / "parity.json").read_text())
+    assert record["input"]["kind"] == "recipe" and record["input"]["seed"] is None
+    assert {f["url"]: f["sha256"] for f in record["input"]["files"]} == digests
+    assert "the published recipe's input" in err and record["outcome"] == "pass"
+    # one image (the recipe's), its cls token and the 16 sampled patch tokens (parity_vit_msn.SAMPLED_TOKENS)
+    assert [o["elements"] for o in record["outputs"]] == [spec["hidden_size"], 16 * spec["hidden_size"]]
