@@ -33,7 +33,7 @@ DEFAULT_SEED = 0
 class InputUsed:
     """Which input both models ran: the published recipe's (its files cached) or a seeded one."""
 
-    kind: str  # "recipe" or "seeded"
+    kind: str  # "recipe", "seeded", or "fixed" (a reference input no seed enters)
     description: str
     seed: int | None = None
     files: tuple[tuple[str, str], ...] = ()  # (url, sha256) of the recipe files
@@ -42,7 +42,10 @@ class InputUsed:
     def describe(self) -> str:
         if self.kind == "recipe":
             return f"the published recipe's input ({self.description})"
-        return f"seeded input, seed {self.seed} ({self.why_not_recipe}; --seed replays or changes it)"
+        if self.kind == "fixed":
+            return f"a fixed input: {self.description} ({self.why_not_recipe})"
+        return (f"seeded input, seed {self.seed}: {self.description} ({self.why_not_recipe}; --seed replays or "
+                f"changes it)")
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,10 @@ def choose_input(side, variant: Variant, spec: Mapping, seed: int | None):
         why, seed = used, DEFAULT_SEED
     else:
         why = "--seed given"
-    return side.inputs(spec, seed), InputUsed("seeded", f"{side.family} reference inputs at the converted spec",
-                                              seed=seed, why_not_recipe=why)
+    description, seeded = side.input_description(spec, seed)
+    if not seeded:
+        return side.inputs(spec, seed), InputUsed("fixed", description, why_not_recipe=why)
+    return side.inputs(spec, seed), InputUsed("seeded", description, seed=seed, why_not_recipe=why)
 
 
 def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_box: list | None = None, *,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from converters import pipeline
-from converters.registry import FAMILY_NAMES, get_variant
+from converters.registry import FAMILY_NAMES, all_variants, get_variant
 from parity_fixtures import harness
 
 # One variant per family: the cheapest of each (the full-size check builds nothing real).
@@ -87,3 +87,13 @@ def test_inputs_are_seeded(name):
     first = original.inputs(spec, 5)
     assert _same(first, original.inputs(spec, 5))
     assert not _same(first, original.inputs(spec, 6))
+
+
+@pytest.mark.parametrize("v", [pytest.param(v, id=v.name) for v in all_variants()])
+def test_input_description_says_whether_the_seed_enters(v):
+    """What --verify records as its input: a reference that says its input is seeded gives
+    another input for another seed, and one that says it is fixed gives the same."""
+    original = harness.original(v.family)
+    spec = original.tiny_spec(v)
+    _, seeded = original.input_description(spec, 5)
+    assert _same(original.inputs(spec, 5), original.inputs(spec, 6)) is not seeded

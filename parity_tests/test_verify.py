@@ -47,9 +47,11 @@ def test_verify_proves_the_tiny_conversion(v, tiny_cli, capsys, tmp_path):
     expected = compare_outputs(c.reference, c.hf_outputs(), **TOLERANCE[v.family])
     assert [(o["output"], o["max_abs"], o["out_of_tolerance"]) for o in record["outputs"]] == [
         (d.key, d.max_abs, d.mismatched) for d in expected]
-    assert record["input"] == {"kind": "seeded", "description": record["input"]["description"],
-                               "seed": harness.SEED + 1, "files": [], "why_not_recipe": "--seed given"}
-    assert f"seed {harness.SEED + 1}" in err
+    description, seeded = c.original.input_description(c.spec, harness.SEED + 1)
+    assert record["input"] == {"kind": "seeded" if seeded else "fixed", "description": description,
+                               "seed": harness.SEED + 1 if seeded else None, "files": [],
+                               "why_not_recipe": "--seed given"}
+    assert (f"seed {harness.SEED + 1}" if seeded else "a fixed input") in err
     assert record["checkpoint"]["sha256"] == downloads.sha256_file(c.checkpoint)
     assert record["versions"]["transformers"] == transformers.__version__
     assert record["tolerance"]["atol"] == TOLERANCE[v.family]["atol"]
