@@ -72,6 +72,8 @@ def test_full_size_original_runs_on_meta(name):
 def _leaves(inputs) -> list[torch.Tensor]:
     if isinstance(inputs, dict):
         return [leaf for v in inputs.values() for leaf in _leaves(v)]
+    if isinstance(inputs, (tuple, list)):
+        return [leaf for v in inputs for leaf in _leaves(v)]
     return [torch.as_tensor(inputs)]
 
 
