@@ -42,6 +42,17 @@ def all_variants() -> tuple[Variant, ...]:
     return tuple(v for f in families() for v in f.variants)
 
 
+def representatives() -> tuple[Variant, ...]:
+    """The first variant of each family and HF model class (Perceiver has six classes): what
+    a plain `pytest -n auto` checks (the harness's quick profile); CI checks every variant."""
+    seen, chosen = set(), []
+    for v in all_variants():
+        if (key := (v.family, family(v.family).model_class(v.config))) not in seen:
+            seen.add(key)
+            chosen.append(v)
+    return tuple(chosen)
+
+
 def known_divergence(variant: Variant) -> KnownDivergence | None:
     return family(variant.family).known_divergences.get(variant.name)
 

@@ -4,7 +4,7 @@ Each concern in its own module: options.py (command line and ini), markers.py (r
 for --strict-markers; `slow` deselected unless --run-slow), profiles.py (hypothesis
 profiles and the shared seed), environment.py (one compute thread, offline), workers.py (xdist workers skip the
 interpreter's finalization), variants.py
-(the variant parametrization), results.py (the results file, JSON and JUnit XML) and
+(the variant parametrization), quick.py (the quick profile's representatives), results.py (the results file, JSON and JUnit XML) and
 golden.py (the `golden` fixture). A project configures it in its ini:
 
     [tool.pytest.ini_options]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from . import environment, markers, options, profiles, results, variants, workers
+from . import environment, markers, options, profiles, quick, results, variants, workers
 
 # Before any test module (or conftest) imports torch or jax: their thread pools read it once.
 environment.one_compute_thread()
@@ -46,12 +46,14 @@ def pytest_unconfigure(config):
 
 
 def pytest_report_header(config):
-    return profiles.replay_hint(config)
+    return [line for line in (profiles.replay_hint(config), quick.header(config)) if line]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if exitstatus != 0 and (hint := profiles.replay_hint(config)):
         terminalreporter.write_line(hint)
+    if line := quick.header(config):
+        terminalreporter.write_line(line)
 
 
 def pytest_generate_tests(metafunc):
@@ -60,6 +62,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     markers.deselect_slow(config, items)
+    quick.deselect(config, items)
     results.label(items)
 
 

@@ -36,8 +36,14 @@ KNOWN_FIRST = {
 }
 
 
+# Each Perceiver class compiles its own captured forward (5-17 s on the tiny models): a plain run
+# localises the fourier one, --run-slow (CI) every class.
+QUICK = set(ONE_PER_FAMILY) | {"vision-perceiver-fourier"}
+
+
 def variant_params(names):
-    return [pytest.param(n, id=n, marks=pytest.mark.xdist_group(n)) for n in names]
+    return [pytest.param(n, id=n, marks=[pytest.mark.xdist_group(n), *([] if n in QUICK else [pytest.mark.slow])])
+            for n in names]
 
 
 @functools.cache
@@ -113,6 +119,7 @@ def test_correct_conversion_compares_every_layer_without_divergence(name):
         assert loc.describe().startswith("no divergence")
 
 
+@pytest.mark.slow
 def test_mlm_decoder_differs_at_padded_query_rows_only():
     c = harness.case("language-perceiver")
     first = run("language-perceiver").first
@@ -140,6 +147,7 @@ def test_planted_swap_is_localised_to_its_layer_and_module(name):
     assert before and all(cmp.ok for cmp in before)
 
 
+@pytest.mark.slow
 def test_conv_stem_divergence_comes_before_a_planted_encoder_bug():
     """The conv model's known stem difference is its first pair whatever follows: localisation
     names it, and says a divergence upstream hides later ones."""
