@@ -197,3 +197,21 @@ def test_full_size_verify_runs_the_cached_recipe_input(tmp_path, monkeypatch, of
     assert "the published recipe's input" in err and record["outcome"] == "pass"
     # one image (the recipe's), its cls token and the 16 sampled patch tokens (parity_vit_msn.SAMPLED_TOKENS)
     assert [o["elements"] for o in record["outputs"]] == [spec["hidden_size"], 16 * spec["hidden_size"]]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=pytest.mark.xdist_group(n))
+                                  for n in ("language-perceiver", "vision-perceiver-learned")])
+def test_hub_config_gelu_is_a_named_known_divergence(name, tiny_cli, capsys, tmp_path):
+    """--hub-config writes exact GELU where the original runs tanh GELU: the verdict names it
+    (beside the HF class's own divergence, if any), measures it, and proves the weights
+    against the original run with the hub config's numerics."""
+    out = tmp_path / "hf"
+    _, code, err = _convert(tiny_cli, capsys, name, out, "--hub-config", "--seed", "0")
+    assert code == 3, err
+    record = json.loads((out / "parity.json").read_text())
+    names = [d["name"] for d in record["known_divergences"]]
+    assert "the hub config's hidden_act='gelu'" in names and "hub config" in err
+    assert (known_divergence(harness.case(name).variant) is not None) == (len(names) == 2)
+    assert all(o["within"] for o in record["weights_check"])
+    assert max(o["max_abs"] for o in record["outputs"]) > TOLERANCE["perceiver"]["atol"]
+    assert record["config"]["hub_config"] is True and record["config"]["spec"]["hidden_act"] == "gelu"
