@@ -52,7 +52,8 @@ def parity_record(verdict, variant: Variant, spec: Mapping, checkpoint: Mapping,
         "outcome": verdict.outcome, "exit_code": verdict.exit_code,
         "compared_against": f"the project's re-implementation of the original {variant.family} model in the "
                             f"original framework, carrying this checkpoint's weights",
-        "tolerance": {**verdict.tolerance, "rule": "|hf - original| <= atol + rtol * |original|"},
+        "tolerance": {**verdict.tolerance, "rule": "|hf - original| <= atol + rtol * |original| + scale_rtol * max |original| (per output)",
+                      "scale_rtol": verdict.tolerance.get("scale_rtol", 0.0)},
         "input": {"kind": used.kind, "description": used.description, "seed": used.seed,
                   "files": [{"url": u, "sha256": h} for u, h in used.files],
                   "why_not_recipe": used.why_not_recipe or None},
@@ -100,7 +101,8 @@ def model_card(record: Mapping, variant: Variant, spec: Mapping, verdict) -> str
               }[verdict.outcome], "",
              f"- compared against: {record['compared_against']}",
              f"- input: {verdict.input.describe()}",
-             f"- tolerance: atol {tol['atol']:g}, rtol {tol['rtol']:g} ({tol['rule']})",
+             f"- tolerance: atol {tol['atol']:g}, rtol {tol['rtol']:g}, scale_rtol {tol['scale_rtol']:g} "
+             f"({tol['rule']})",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()), "",
              "| output | max abs | max rel | out of tolerance | index of max abs |",
              "|---|---|---|---|---|"]

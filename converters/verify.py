@@ -76,7 +76,7 @@ class Verdict:
 
     def lines(self) -> list[str]:
         """What the CLI prints: the verdict, the input, one line per output, the localisation."""
-        tol = f"atol={self.tolerance['atol']:g}, rtol={self.tolerance['rtol']:g}"
+        tol = ", ".join(f"{k}={v:g}" for k, v in self.tolerance.items())
         head = {"pass": f"verify passed: {self.variant} reproduces the original within the family tolerance ({tol})",
                 "fail": f"verify FAILED: {self.variant} does not reproduce the original ({tol})",
                 "known-divergence": f"verify: known divergence: {self.variant} computes something else than the "
@@ -235,7 +235,8 @@ def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoin
         state_dict = pipeline.load_original_state_dict(checkpoint, variant)
         keys = list(state_dict)
         verdict.localisation = localise.localise(variant, spec, side, side.load(spec, state_dict), hf_model, inputs,
-                                                 **verdict.tolerance, original_keys=keys)
+                                                 verdict.tolerance["atol"], verdict.tolerance["rtol"],
+                                                 original_keys=keys)
     except Exception as err:  # localisation is a diagnosis: its failure must not hide the verdict
         verdict.localisation_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 

@@ -18,7 +18,7 @@ from . import markers, variants
 def diff_row(d) -> dict:
     finite = d.nonfinite == 0  # JSON has no inf: a non-finite output is recorded as None and counted
     return {"output": d.key, "max_abs": d.max_abs if finite else None, "max_rel": d.max_rel if finite else None,
-            "index": list(d.index), "atol": d.atol, "rtol": d.rtol, "mismatched": d.mismatched,
+            "index": list(d.index), "atol": d.atol, "rtol": d.rtol, "scale_rtol": d.scale_rtol, "mismatched": d.mismatched,
             "total": d.total, "nonfinite": d.nonfinite}
 
 

@@ -1,6 +1,7 @@
 """Per family: how far the converted HF model may be from the original on the same input,
-element-wise `|hf - original| <= atol + rtol * |original|`. Each bound is the measured
-rounding gap of the two implementations (stated beside it) with room to spare."""
+element-wise `|hf - original| <= atol + rtol * |original| + scale_rtol * max |original|`
+(scale_rtol 0 unless given). Each bound is the measured rounding gap of the two
+implementations (stated beside it) with room to spare."""
 
 TOLERANCE = {
     # float32, same op order as the original up to GEMM blocking
@@ -23,5 +24,14 @@ TOLERANCE = {
     # 2.8e-5 torch, against float64), which reaches the tiny fourier model's logits as
     # 4.1e-5; every other tiny output differs by at most 1.2e-5. The hub configs' exact
     # GELU is 4.3e-4 or more away from the original on every tiny model.
-    "perceiver": dict(atol=5e-5, rtol=1e-4),
+    #
+    # scale_rtol: at full size the rounding grows with the output's scale, not each element's:
+    # `convert --verify` on language-perceiver at full size (random weights, seed 0: 26 layers,
+    # attended logits up to 104 in magnitude) measured a median difference of 2.0e-5, p99.9
+    # 9.9e-5 and max 1.34e-4, that one on an element of 0.024, where atol + rtol*|e| allows 5.2e-5
+    # (1.3e-6 of the output's scale; HF on 1 or 2 threads gives the same). The multimodal audio
+    # output passed by 6% on the same rule. 1e-5 of the output's largest magnitude (1.0e-3 there)
+    # leaves 7.8x room above that and stays 24x below the hub config's exact-GELU gap (0.025
+    # there; >= 4.3e-4 on the tiny models, whose outputs are a few units: at most ~5e-5 more).
+    "perceiver": dict(atol=5e-5, rtol=1e-4, scale_rtol=1e-5),
 }

@@ -122,3 +122,16 @@ def test_hypothesis_failure_replays_from_the_printed_seed(stand_in_suite):
     seed = hint.group(1)
     again, _ = falsified(stand_in_suite(RARE_FAILURE, f"--hypothesis-seed={seed}", env=randomized))
     assert again == first
+
+
+def test_scale_rtol_allows_rounding_relative_to_the_output_scale():
+    """Full-size rounding follows the output's scale: a difference of 1e-4 on an element near zero
+    of an output reaching 100 is rounding under scale_rtol=1e-5 (bound 5e-5 + 1e-5 * 100), and is
+    out of tolerance without it; the message names the term."""
+    expected = torch.tensor([100.0, 0.02, -3.0])
+    actual = expected + torch.tensor([0.0, 1e-4, 0.0])
+    assert compare("logits", expected, actual, atol=5e-5, rtol=1e-4).mismatched == 1
+    scaled = compare("logits", expected, actual, atol=5e-5, rtol=1e-4, scale_rtol=1e-5)
+    assert scaled.ok and scaled.scale_rtol == 1e-5
+    worse = compare("logits", expected, expected + torch.tensor([0.0, 2e-3, 0.0]), 5e-5, 1e-4, 1e-5)
+    assert worse.mismatched == 1 and "scale_rtol=1e-05" in worse.describe()

@@ -59,7 +59,7 @@ def run(name: str, hf_model=None) -> localise.Localisation:
     c = harness.case(name)
     model, keys = _original(name)
     return localise.localise(c.variant, c.spec, c.original, model, hf_model or c.hf_model(), c.inputs,
-                             **c.original.tolerance, original_keys=keys)
+                             c.original.tolerance["atol"], c.original.tolerance["rtol"], original_keys=keys)
 
 
 def hf_model_carrying(c: harness.Case, converted: dict):
