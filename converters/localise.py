@@ -287,6 +287,7 @@ def localise(variant: Variant, spec: Mapping, original_side, original_model, hf_
     `hf_forward` runs the HF model. `original_keys`: the loader's keys (default: the
     original's at `spec`, `original_side.on_meta`)."""
     keys = list(original_keys if original_keys is not None else original_side.on_meta(spec))
+    rows = original_side.compared_rows(spec, inputs)
     table = pairs(variant, spec, keys)
     by_original = {p.original: p for p in table}
     originals = original_side.activations(original_model, inputs, keep=by_original.__contains__)
@@ -323,6 +324,8 @@ def localise(variant: Variant, spec: Mapping, original_side, original_model, hf_
                 continue
             order, original = expected.pop((p.original, k))
             hf = parts[p.hf[0]] if len(p.hf) == 1 else _concat([parts[m] for m in p.hf])
+            if hf is not None:
+                original, hf = _selected_rows(p, original, hf, rows)
             results.append(compare_pair(p, k, order, original, hf, atol, rtol) if hf is not None
                            else Skipped(p, k, "HF outputs of unequal leading shapes"))
 
@@ -340,6 +343,16 @@ def localise(variant: Variant, spec: Mapping, original_side, original_model, hf_
     unobserved = [p for p in table if p.original not in observed_originals or not any(m in hf_seen for m in p.hf)]
     compared = sorted((r for r in results if isinstance(r, Compared)), key=lambda c: c.order)
     return Localisation(compared, [r for r in results if isinstance(r, Skipped)], unobserved)
+
+
+def _selected_rows(pair: Pair, original: np.ndarray, hf: np.ndarray, rows) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the compared outputs keep (Original.compared_rows), for the modules it names."""
+    if rows is None or not pair.original.startswith(tuple(rows[0])):
+        return original, hf
+    mask = np.asarray(rows[1])
+    if original.shape[:mask.ndim] != mask.shape or hf.shape[:mask.ndim] != mask.shape:
+        return original, hf
+    return original[mask], hf[mask]
 
 
 def _hf_hook(name: str, on_output):
