@@ -17,7 +17,6 @@ are kept only for paired modules, so a full-size model's activations are held on
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
