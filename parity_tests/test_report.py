@@ -50,7 +50,7 @@ pytestmark = pytest.mark.parity
 
 def diff(max_abs):
     return types.SimpleNamespace(key="logits", max_abs=max_abs, max_rel=max_abs, index=(0, 1), atol=1e-5,
-                                 rtol=1e-4, mismatched=int(max_abs > 1e-5), total=4, nonfinite=0)
+                                 rtol=1e-4, scale_rtol=0.0, mismatched=int(max_abs > 1e-5), total=4, nonfinite=0)
 
 @pytest.mark.parametrize("name", ["v-a", "v-b", "v-c", "v-d"])  # not `variant`: the conftest parametrizes that
 def test_logits_parity(name, record_diffs):

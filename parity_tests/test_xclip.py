@@ -2,6 +2,8 @@
 config, the standalone models, the derived config and the q/k/v split."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,4 +182,8 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     # the training config X-CLIP pickles, a yacs CfgNode, is named and never built
     assert "warning: k400_32_8.pth: skipped pickled object(s) that are not tensors, kept as inert data: " \
            "config (yacs.config.CfgNode)" in err, err
-    assert "verified" in err and "logits_per_video': (1, 2)" in err
+    assert "verify passed" in err, err
+    record = json.loads((tmp_path / "hf" / "parity.json").read_text())
+    assert record["outcome"] == "pass" and record["input"]["kind"] == "seeded"
+    outputs = {o["output"]: o["elements"] for o in record["outputs"]}
+    assert outputs["logits_per_video"] == 2 * 3  # the reference's 2 videos against its 3 texts
