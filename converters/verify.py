@@ -94,10 +94,10 @@ class Verdict:
             if self.localisation.first is None:
                 out.append("  (the difference arises where no module pair is observed: a parameter the model reads "
                            "directly, or the step between the last pair and the output)")
-        if self.outcome == "fail":
-            out.append("  the output is kept with this evidence; do not use it")
         elif self.localisation_error:
             out.append(f"  localisation unavailable: {self.localisation_error}")
+        if self.outcome == "fail":
+            out.append("  the output is kept with this evidence; do not use it")
         return out
 
 

@@ -215,3 +215,24 @@ def test_hub_config_gelu_is_a_named_known_divergence(name, tiny_cli, capsys, tmp
     assert all(o["within"] for o in record["weights_check"])
     assert max(o["max_abs"] for o in record["outputs"]) > TOLERANCE["perceiver"]["atol"]
     assert record["config"]["hub_config"] is True and record["config"]["spec"]["hidden_act"] == "gelu"
+
+
+def test_a_localisation_that_breaks_does_not_hide_the_verdict(tiny_cli, capsys, tmp_path, monkeypatch):
+    import importlib
+
+    from converters import localise
+    from parity_fixtures import planted
+
+    c = harness.case("vit-msn-small")
+    monkeypatch.setattr(importlib.import_module("converters.vit_msn"), "FAMILY", planted.planted_family(c.variant))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hook\nfailed")
+
+    monkeypatch.setattr(localise, "localise", broken)
+    out = tmp_path / "hf"
+    _, code, err = _convert(tiny_cli, capsys, "vit-msn-small", out, "--seed", "0")
+    assert code == 1 and "verify FAILED" in err and "localisation unavailable: RuntimeError: hook failed" in err, err
+    record = json.loads((out / "parity.json").read_text())
+    assert record["outcome"] == "fail" and record["localisation"] is None
+    assert record["localisation_error"] == "RuntimeError: hook failed"
