@@ -438,7 +438,8 @@ def test_torch_attack_gives_one_clear_error(container, attack, tiny_cli, tmp_pat
     marker_dir = _marker_dir(tmp_path)
     monkeypatch.chdir(marker_dir)  # torch's old loader wrote .patch files to the working directory
     path, pattern = attack(harness.case(row.variant).checkpoint, _scratch(tmp_path), marker_dir)
-    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "work" / "hf"))
+    # --verify too: the original reference only ever reads what the safe loader returned
+    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "work" / "hf"), "--verify")
     _one_error(code, err, pattern)
     _assert_untouched(marker_dir)
     assert not (tmp_path / "work").exists()

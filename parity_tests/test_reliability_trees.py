@@ -64,7 +64,8 @@ def test_hostile_tree_file_gives_one_clear_error(container, attack, case, tiny_c
     path = tmp_path / "in" / "checkpoint"
     path.parent.mkdir()
     path.write_bytes(data)
-    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "work" / "hf"))
+    # --verify too: the original reference only ever reads what the safe loader returned
+    code, err, _ = tiny_cli(capsys, row, "--checkpoint", str(path), "--out", str(tmp_path / "work" / "hf"), "--verify")
     assert code == 1, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {path}") and re.search(pattern, errors[0]), err
