@@ -52,7 +52,8 @@ def run(names: list[str] | None = None) -> int:
         diverging += vs_ok and known_divergence(v) is not None
         worst = max(weights, key=lambda d: d.max_abs)
         rows.append([v.name, v.family, "PASS" if weights_ok else "FAIL", f"{worst.max_abs:.2e}", f"{worst.max_rel:.2e}",
-                     f"{tol['atol']:g}/{tol['rtol']:g}", f"{drift:.2e}", f"{time.perf_counter() - t0:.2f}s", vs_text])
+                     f"{tol['atol']:g}/{tol['rtol']:g}" + (f"+{tol['scale_rtol']:g}max" if tol.get("scale_rtol") else ""),
+                     f"{drift:.2e}", f"{time.perf_counter() - t0:.2f}s", vs_text])
         print(f"[{i}/{len(variants)}] {v.name}: weights {'PASS' if weights_ok else 'FAIL ' + worst.describe()}; "
               f"vs original {vs_text}", file=sys.stderr)
     print(_table(rows, ["variant", "family", "weights", "max abs", "max rel", "atol/rtol", "golden drift", "time",
