@@ -89,10 +89,9 @@ def cmd_convert(args) -> int:
 
 def _verifier(variant, args, verdicts: list):
     """The `verify` step of pipeline.convert_file: the verdict (kept in `verdicts`) and its evidence files."""
-    from . import downloads, evidence, pipeline, verify
+    from . import downloads, evidence, verify
 
-    def run(staged, checkpoint, box, conversion_seconds):
-        spec = pipeline.spec_of(variant) | (hub_config_values(variant) if args.hub_config else {})
+    def run(staged, checkpoint, box, conversion_seconds, spec):
         verdict = verify.verify(variant, spec, staged, checkpoint, box, hub_config=args.hub_config, seed=args.seed,
                                 progress=lambda msg: print(msg, file=sys.stderr))
         verdicts.append(verdict)

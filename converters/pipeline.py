@@ -108,7 +108,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
     hub_config: write the published hub config's values where they differ from the
     original's computation (registry.hub_config_values), not the original's.
 
-    verify: `(staged_dir, checkpoint_path, state_dict_box, conversion_seconds) -> {name: text}`,
+    verify: `(staged_dir, checkpoint_path, state_dict_box, conversion_seconds, spec) -> {name: text}`,
     run on the written model before the output directory appears; the files it returns are
     written beside the model (parity.json, README.md). The box holds the original state
     dict the loader read, for the callee to take (the converted tensors are released first)."""
@@ -144,7 +144,7 @@ def convert_file(variant: Variant, checkpoint: str, out_dir, *, spec: Mapping | 
         seconds = time.perf_counter() - t0
         if verify is not None:
             progress(f"[5/{steps}] verifying against the original model ({seconds:.1f} s so far)")
-            output_dir.write_text_files(staged, verify(staged, path, box, seconds))
+            output_dir.write_text_files(staged, verify(staged, path, box, seconds, spec))
     box.clear()
     for warning in fam.user_warnings(variant):  # port differences users must handle
         log.warning("%s: %s", variant.name, warning)
