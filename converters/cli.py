@@ -143,7 +143,7 @@ def cmd_upgrade_check(args) -> int:
         pytest_args = [*(args.tests or upgrade.DEFAULT_TESTS), *(["-k", args.k] if args.k else [])]
         return upgrade.upgrade_check(args.from_, args.to, recipe, Path(args.out), pytest_args, args.jobs)
     except (upgrade.EnvBuildError, upgrade.SuiteError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {errors.one_line(err)}", file=sys.stderr)
         return 1
 
 
@@ -212,15 +212,10 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary output is removed
 
 
-def _one_line(err: BaseException) -> str:
-    """The error as one line: messages that quote file content are escaped already;
-    this also folds any newline an exception from a library carries."""
-    return shown(" ".join(str(err).split()) if str(err).strip() else type(err).__name__, limit=2000)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings as one `warning:` line each, without the source line Python adds."""
-    print(f"warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}", file=sys.stderr)
+    warning = message if isinstance(message, Warning) else Warning(message)
+    print(f"warning: {errors.one_line(warning)}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -243,13 +238,13 @@ def main(argv=None) -> int:
         return 130
     except (FileNotFoundError, errors.CheckpointError, errors.DownloadError, errors.OutputExistsError,
             errors.OutputPathError, errors.VerifyError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {errors.one_line(err)}", file=sys.stderr)
         return 1
     except SystemExit:
         raise
     except Exception as err:  # a bug, or an input no check foresaw: still one line, no traceback
         logging.getLogger("convert_parity").info("unexpected error", exc_info=True)
-        print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (run with -v for the traceback)",
+        print(f"error: unexpected {type(err).__name__}: {errors.one_line(err)} (run with -v for the traceback)",
               file=sys.stderr)
         return 1
     finally:

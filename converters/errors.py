@@ -39,3 +39,10 @@ def exception_text(err: BaseException) -> str:
     """A library's exception as a loader's message quotes it: its type and its escaped
     text (which may quote the file), or the type alone when it has no text."""
     return f"{type(err).__name__}: {shown(err)}" if str(err) else type(err).__name__
+
+
+def one_line(err: BaseException, limit: int = 2000) -> str:
+    """An exception's message as one shown line: newlines a library's message carries folded,
+    text from files escaped (`shown`), its type's name when it says nothing."""
+    text = " ".join(str(err).split())
+    return shown(text if text else type(err).__name__, limit=limit)

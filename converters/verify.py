@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from . import downloads, errors
+from . import downloads, errors, pipeline
 from .family import Variant
 from .registry import hub_config_values, known_divergence
 
@@ -127,7 +127,7 @@ def _recipe_input(side, variant: Variant, spec: Mapping):
     try:
         paths = downloads.cached_only(urls)
     except errors.DownloadError as err:  # a cached file that no longer matches its recorded digest
-        return None, f"a cached recipe file is unusable ({' '.join(str(err).split())[:300]})"
+        return None, f"a cached recipe file is unusable ({errors.one_line(err, 300)})"
     if paths is None:
         return None, "the published recipe's files are not cached"
     inputs = side.recipe_inputs(variant, spec, paths)
@@ -163,8 +163,6 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
     from parity_harness.compare import compare_outputs
     from parity_harness.tolerances import TOLERANCE
 
-    from . import pipeline
-
     side, tolerance = original(variant.family), TOLERANCE[variant.family]
     found = divergences(variant, hub_config)
     seconds = {}
@@ -197,18 +195,16 @@ def verify(variant: Variant, spec: Mapping, model_dir, checkpoint, state_dict_bo
     if outcome == "fail":
         progress("[verify 3/3] localising the first diverging layer")
         with clock("localisation"):
-            _localise(verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline)
+            _localise(verdict, variant, spec, side, hf_model, inputs, checkpoint)
     return verdict
 
 
 def _load_original(side, spec, state_dict, variant):
-    from . import errors
-
     try:
         return side.load(spec, state_dict)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:  # strict loads name what does not fit
         raise errors.VerifyError(f"the original {variant.family} reference cannot take the checkpoint's weights at "
-                                 f"{variant.name}'s spec: {errors.shown(' '.join(str(err).split()), 600)}") from err
+                                 f"{variant.name}'s spec: {errors.one_line(err, 600)}") from err
 
 
 class _Clock:
@@ -226,7 +222,7 @@ class _Clock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoint, pipeline) -> None:
+def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoint) -> None:
     """Hooks on both sides, paired through the rename table: the first pair past tolerance.
     The original is loaded again from the checkpoint for it (on a miss only)."""
     from . import localise
@@ -238,13 +234,11 @@ def _localise(verdict: Verdict, variant, spec, side, hf_model, inputs, checkpoin
                                                  verdict.tolerance["atol"], verdict.tolerance["rtol"],
                                                  original_keys=keys)
     except Exception as err:  # localisation is a diagnosis: its failure must not hide the verdict
-        verdict.localisation_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        verdict.localisation_error = f"{type(err).__name__}: {errors.one_line(err, 300)}"
 
 
 def load_converted(variant: Variant, model_dir):
     """The output as a user loads it: from_pretrained, no missing, unexpected or mismatched keys."""
-    from . import errors, pipeline
-
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
